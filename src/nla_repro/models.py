@@ -1,0 +1,182 @@
+"""Base model loading, the architecture adapter, and residual capture with early exit.
+
+The one place that knows where an architecture keeps its decoder blocks, input embeddings
+and final norm. Layer `L` always means the output of decoder block `L` (0-based), which is
+HF `hidden_states[L + 1]`; `residual_at_layer` hooks block `L` and stops the forward there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+import yaml
+from torch import nn
+
+from nla_repro.errors import ConfigError, SourceError
+
+# Where each architecture keeps its text decoder (the module holding layers/embed/norm),
+# as attribute paths from the top-level model. First match wins.
+DECODER_PATHS: dict[str, tuple[str, ...]] = {
+    "LlamaForCausalLM": ("model",),
+    "MistralForCausalLM": ("model",),
+    "Qwen2ForCausalLM": ("model",),
+    "Gemma3ForCausalLM": ("model",),
+    "Gemma4ForCausalLM": ("model",),
+    "Gemma3ForConditionalGeneration": ("model.language_model",),
+    "Gemma4ForConditionalGeneration": ("model.language_model",),
+}
+FALLBACK_DECODER_PATHS = ("model.language_model", "model", "language_model.model")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The parts of a decoder-only LM that the NLA code touches."""
+
+    layers: nn.ModuleList
+    """Decoder blocks, in order."""
+    embed: nn.Module
+    """Input-embedding module (for Gemma it multiplies by sqrt(d) itself)."""
+    final_norm: nn.Module
+    """Norm applied after the last block."""
+    d_model: int
+    """Residual-stream width."""
+    n_layers: int
+    """Number of decoder blocks."""
+
+
+def _get_path(obj: object, path: str) -> object | None:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper, or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def adapt(model: nn.Module) -> Arch:
+    model = unwrap(model)
+    name = type(model).__name__
+    for path in DECODER_PATHS.get(name, FALLBACK_DECODER_PATHS):
+        decoder = _get_path(model, path)
+        if decoder is not None and isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+            break
+    else:
+        raise ConfigError(f"architecture {name}: no decoder block list found")
+    text_config = model.config.get_text_config()
+    return Arch(
+        layers=decoder.layers,
+        embed=decoder.embed_tokens,
+        final_norm=decoder.norm,
+        d_model=int(text_config.hidden_size),
+        n_layers=len(decoder.layers),
+    )
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to skip every block after the captured one."""
+
+
+@contextlib.contextmanager
+def capture_layer(model: nn.Module, layer: int, stop: bool = True) -> Iterator[dict]:
+    """Inside the context, a forward of `model` stores block `layer`'s output in the yielded
+    dict under "hidden" and, with stop=True, ends the forward right there."""
+    arch = adapt(model)
+    store: dict = {}
+
+    def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+        # Llama-family blocks return a tuple, Gemma-4 blocks a tensor.
+        store["hidden"] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _StopForward
+
+    handle = arch.layers[layer].register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def residual_at_layer(
+    model: nn.Module,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    layer: int,
+) -> torch.Tensor:
+    """Block `layer`'s output for a padded batch: (B, T, d). No block after `layer` runs."""
+    with capture_layer(model, layer, stop=True) as store, contextlib.suppress(_StopForward):
+        model(
+            input_ids=input_ids_BT,
+            attention_mask=attention_mask_BT,
+            position_ids=position_ids_from_mask(attention_mask_BT),
+            use_cache=False,
+        )
+    if "hidden" not in store:
+        raise RuntimeError(f"block {layer} did not run during the forward pass")
+    return store["hidden"]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"base.device={device!r} but torch sees no CUDA device")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_base_meta(model_dir: Path | str) -> dict:
+    path = Path(model_dir) / "base_meta.yaml"
+    if not path.exists():
+        raise SourceError(f"{path}: not found (run the base stage: dvc repro base)")
+    return yaml.safe_load(path.read_text())
+
+
+def load_base(
+    model_dir: Path | str,
+    quantization: str = "none",
+    compute_dtype: str = "float32",
+    device: str = "auto",
+) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase]:
+    """Load the frozen base written by the base stage, in eval mode, gradients off.
+
+    nf4 loads the weights as bitsandbytes 4-bit NF4 with double quantization; on CUDA the
+    device map is an integer index (a string device map breaks on some platforms).
+    """
+    model_dir = Path(model_dir)
+    meta = read_base_meta(model_dir)
+    cls = getattr(transformers, meta["architecture"])
+    dev = resolve_device(device)
+    dtype = DTYPES[compute_dtype]
+    kwargs: dict = {"dtype": dtype}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    model = cls.from_pretrained(model_dir, use_safetensors=True, **kwargs)
+    if quantization != "nf4":
+        model.to(dev)
+    model.eval().requires_grad_(False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer

@@ -1,0 +1,122 @@
+"""pandera schemas of every parquet the stages exchange, and the one way stages read them.
+
+Validation is lazy (all failures at once); `validate` turns pandera's failure table into a
+DataValidationError that names the file, each failing column and check, and the rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+import pyarrow as pa_arrow
+import pyarrow.parquet as pq
+
+from nla_repro.errors import DataValidationError
+
+SPLITS = ("train", "val", "test")
+MAX_ROWS_SHOWN = 8
+
+
+def _nonblank(s: pd.Series) -> pd.Series:
+    return s.str.strip().str.len() > 0
+
+
+CORPUS = pa.DataFrameSchema(
+    {
+        "doc_id": pa.Column(str, pa.Check(_nonblank, error="doc_id is empty"), unique=True),
+        "source_family": pa.Column(str, pa.Check(_nonblank, error="source_family is empty")),
+        "text": pa.Column(str, pa.Check(_nonblank, error="text is empty")),
+        "split": pa.Column(str, pa.Check.isin(SPLITS)),
+    },
+    name="corpus",
+    strict=True,
+    coerce=False,
+)
+
+
+def _vector_checks(d_model: int) -> list[pa.Check]:
+    return [
+        pa.Check(
+            lambda v: isinstance(v, np.ndarray) and v.dtype == np.float32,
+            element_wise=True,
+            error="vector is not a float32 array",
+        ),
+        pa.Check(
+            lambda v: getattr(v, "shape", None) == (d_model,),
+            element_wise=True,
+            error=f"vector width is not d_model={d_model}",
+        ),
+        pa.Check(
+            lambda v: bool(np.isfinite(np.asarray(v, dtype=np.float64)).all()),
+            element_wise=True,
+            error="vector has NaN or inf",
+        ),
+    ]
+
+
+def activations_schema(d_model: int) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "doc_id": pa.Column(str, pa.Check(_nonblank, error="doc_id is empty")),
+            "split": pa.Column(str, pa.Check.isin(SPLITS)),
+            "position": pa.Column("int32", pa.Check.ge(0)),
+            "token_id": pa.Column("int64", pa.Check.ge(0)),
+            "token": pa.Column(str),
+            "n_tokens": pa.Column("int32", pa.Check.ge(1)),
+            "layer": pa.Column("int32", pa.Check.ge(0)),
+            "norm": pa.Column(
+                "float32",
+                [pa.Check.ge(0), pa.Check(lambda s: np.isfinite(s), error="norm not finite")],
+            ),
+            "vector": pa.Column(object, _vector_checks(d_model)),
+        },
+        checks=[
+            pa.Check(lambda df: df["position"] < df["n_tokens"], error="position >= n_tokens"),
+        ],
+        unique=["doc_id", "position"],
+        name="activations",
+        strict=True,
+    )
+
+
+def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: Path | str) -> pd.DataFrame:
+    try:
+        return schema.validate(df, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        raise DataValidationError(_describe(err.failure_cases, schema.name, where)) from None
+
+
+def _describe(cases: pd.DataFrame, schema_name: str, where: Path | str) -> str:
+    lines = [f"{where}: does not match the {schema_name} schema"]
+    cases = cases.astype({"column": "object", "index": "object"})
+    for (column, check), group in cases.groupby(["column", "check"], dropna=False, sort=False):
+        if check == "column_in_dataframe":
+            missing = ", ".join(repr(c) for c in group["failure_case"])
+            lines.append(f"  missing column(s): {missing}")
+            continue
+        if check == "column_in_schema":
+            extra = ", ".join(repr(c) for c in group["failure_case"])
+            lines.append(f"  unexpected column(s): {extra}")
+            continue
+        rows = [int(i) for i in group["index"].dropna().tolist()]
+        shown = ", ".join(str(r) for r in rows[:MAX_ROWS_SHOWN])
+        more = f" and {len(rows) - MAX_ROWS_SHOWN} more" if len(rows) > MAX_ROWS_SHOWN else ""
+        col = "(dataframe)" if pd.isna(column) else repr(column)
+        where_rows = f" at row(s) {shown}{more}" if rows else f": {group['failure_case'].iloc[0]}"
+        lines.append(f"  column {col}: {check}{where_rows}")
+    return "\n".join(lines)
+
+
+def read_parquet(path: Path | str, schema: pa.DataFrameSchema) -> pd.DataFrame:
+    """Read a stage input and validate it; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataValidationError(f"{path}: not found (has the stage that writes it run?)")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa_arrow.ArrowInvalid) as err:
+        raise DataValidationError(f"{path}: not a readable parquet file: {err}") from None
+    return validate(table.to_pandas(), schema, path)
