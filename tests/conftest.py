@@ -133,3 +133,37 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test with the temporary directory as the repo root."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+SAMPLE_TEXTS = [
+    "A flood hit the river town after three days of rain.",
+    "The council voted for new bike lanes.",
+    "def add(a, b): return a + b",
+    "Photosynthesis stores the energy of sunlight in sugar, and the plant grows tall.",
+    "Dog.",
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the gate.",
+    "Bees navigate by the sun.",
+    "Ice floats because it is less dense than water.",
+]
+
+
+def write_corpus(root: Path, texts: list[str] = SAMPLE_TEXTS) -> Path:
+    """data/corpus.parquet under root, as the corpus stage writes it."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from nla_repro.io import write_parquet
+    from nla_repro.stages.corpus import make_doc_id, split_of
+
+    ids = [make_doc_id("test", t) for t in texts]
+    df = pd.DataFrame(
+        {
+            "doc_id": ids,
+            "source_family": "test",
+            "text": texts,
+            "split": [split_of(i) for i in ids],
+        }
+    )
+    path = root / "data" / "corpus.parquet"
+    write_parquet(pa.Table.from_pandas(df, preserve_index=False), path)
+    return path

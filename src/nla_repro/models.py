@@ -149,21 +149,12 @@ def read_base_meta(model_dir: Path | str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def load_base(
-    model_dir: Path | str,
-    quantization: str = "none",
-    compute_dtype: str = "float32",
-    device: str = "auto",
-) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase]:
-    """Load the frozen base written by the base stage, in eval mode, gradients off.
+def load_kwargs(quantization: str, compute_dtype: str, device: torch.device) -> dict:
+    """from_pretrained kwargs: dtype, and for nf4 the bitsandbytes config and device map.
 
-    nf4 loads the weights as bitsandbytes 4-bit NF4 with double quantization; on CUDA the
-    device map is an integer index (a string device map breaks on some platforms).
+    On CUDA the device map is an integer index: a "cuda:0" string map breaks bitsandbytes
+    placement on some platforms (Windows among them).
     """
-    model_dir = Path(model_dir)
-    meta = read_base_meta(model_dir)
-    cls = getattr(transformers, meta["architecture"])
-    dev = resolve_device(device)
     dtype = DTYPES[compute_dtype]
     kwargs: dict = {"dtype": dtype}
     if quantization == "nf4":
@@ -173,7 +164,22 @@ def load_base(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    return kwargs
+
+
+def load_base(
+    model_dir: Path | str,
+    quantization: str = "none",
+    compute_dtype: str = "float32",
+    device: str = "auto",
+) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase]:
+    """Load the frozen base written by the base stage, in eval mode, gradients off."""
+    model_dir = Path(model_dir)
+    meta = read_base_meta(model_dir)
+    cls = getattr(transformers, meta["architecture"])
+    dev = resolve_device(device)
+    kwargs = load_kwargs(quantization, compute_dtype, dev)
     model = cls.from_pretrained(model_dir, use_safetensors=True, **kwargs)
     if quantization != "nf4":
         model.to(dev)

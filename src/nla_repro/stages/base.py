@@ -8,6 +8,7 @@ checkpoint is refused, never loaded.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -77,7 +78,11 @@ def gguf_to_model_dir(gguf_path: Path, out_dir: Path) -> None:
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=torch.float32
     )
-    config = loaded.config
+    config = copy.deepcopy(loaded.config)
+    # The weights are dequantized now: drop the GGUF quantization_config, or every later load
+    # of the directory is flagged as GGUF-quantized and an nf4 load is refused.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = type(loaded)(config)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # Tied LM heads are the only legitimate gap between the two state dicts.

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -150,31 +151,44 @@ def read_text_file(path: Path, text_column: str) -> pd.DataFrame:
     if not path.exists():
         raise SourceError(f"{path}: corpus file not found")
     if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
+        # integer_object_nulls: an int column with gaps stays int (doc_id 17, not "17.0").
+        df = pq.read_table(path).to_pandas(integer_object_nulls=True)
+        unit, labels = "row(s)", list(range(len(df)))
     elif path.suffix in (".jsonl", ".json"):
-        rows = []
+        rows, labels = [], []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise SourceError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
-        df = pd.DataFrame(rows)
+            if not isinstance(row, dict):
+                raise SourceError(f"{path}: line {lineno}: expected a JSON object")
+            rows.append(row)
+            labels.append(lineno)
+        # dtype=object: ints stay ints when some rows lack the key (no float upcast).
+        df = pd.DataFrame(rows, dtype=object)
+        unit = "line(s)"
     else:
         raise SourceError(f"{path}: corpus files must be .jsonl or .parquet")
     if text_column not in df.columns:
         raise SourceError(f"{path}: no column {text_column!r} (columns: {list(df.columns)})")
-    bad = [i for i, t in enumerate(df[text_column]) if not isinstance(t, str) or not t.strip()]
+    texts = df[text_column]
+    bad = [labels[i] for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise SourceError(
-            f"{path}: column {text_column!r} is empty or not text at row(s) {bad[:8]}"
+            f"{path}: column {text_column!r} is empty or not text at {unit} {bad[:8]}"
             + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         )
     family = df["source_family"] if "source_family" in df.columns else path.stem
-    out = pd.DataFrame({"source_family": family, "text": df[text_column]})
+    out = pd.DataFrame({"source_family": family, "text": texts})
     if "doc_id" in df.columns:
-        out["doc_id"] = df["doc_id"].astype(str)
+        # Rows without a doc_id stay None (assemble gives them one); astype(str) would turn
+        # them into the literal strings "nan" / "None" on pandas 2.
+        out["doc_id"] = [
+            str(d) if ok else None for d, ok in zip(df["doc_id"], df["doc_id"].notna(), strict=True)
+        ]
     return out
 
 
@@ -194,7 +208,10 @@ def hf_dataset_texts(cfg: C.CorpusConfig) -> pd.DataFrame:
 
 def assemble(frames: list[pd.DataFrame], cfg: C.CorpusConfig) -> tuple[pd.DataFrame, dict]:
     """Clean, drop short texts, deduplicate, assign doc_ids and splits; count every drop."""
-    df = pd.concat([f for f in frames if len(f)], ignore_index=True)
+    frames = [f for f in frames if len(f)]
+    if not frames:  # pd.concat([]) would raise a bare ValueError
+        raise SourceError("corpus: no documents from any source; check the corpus params")
+    df = pd.concat(frames, ignore_index=True)
     if "doc_id" not in df.columns:
         df["doc_id"] = None
     df["text"] = [clean_text(t, cfg.max_chars) for t in df["text"]]

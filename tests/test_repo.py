@@ -1,0 +1,105 @@
+"""The repository's own promises: README commands, CI, DVC setup, stage wiring, tasks."""
+
+import configparser
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from invoke import MockContext, Result
+
+import tasks
+from nla_repro import config as C
+from nla_repro.__main__ import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [b.strip() for b in blocks[:2]]
+
+
+def test_readme_starts_with_the_two_newcomer_commands():
+    run_main, run_tests = readme_commands()
+    assert run_main == f"{tasks.INSTALL} && dvc repro"
+    assert run_tests == f"{tasks.INSTALL} && python3 -m pytest"
+
+
+def test_ci_runs_exactly_the_readme_test_command_and_handles_exit_5():
+    ci = (ROOT / ".ci/run").read_text()
+    assert readme_commands()[1] in ci.splitlines()
+    assert '"$rc" -eq 5' in ci
+
+
+def test_gitattributes_forces_lf():
+    assert "* text=auto eol=lf" in (ROOT / ".gitattributes").read_text().splitlines()
+
+
+def test_dvc_has_analytics_off_and_a_relative_default_remote():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / ".dvc/config")
+    assert cfg["core"]["analytics"] == "false"
+    url = cfg[f"'remote \"{cfg['core']['remote']}\"'"]["url"]
+    assert not Path(url).is_absolute() and "://" not in url
+    assert "/.dvc-remote/" in (ROOT / ".gitignore").read_text()
+
+
+def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGES)
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python -m nla_repro {name}"
+        assert f"src/nla_repro/stages/{name}.py" in stage["deps"]
+        for dep in stage["deps"]:
+            assert (ROOT / dep).exists() or dep.startswith(("data/", "models/")), dep
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s["outs"]}
+    expected = {
+        C.BASE_DIR,
+        C.CORPUS_PATH,
+        C.CORPUS_STATS_PATH,
+        C.ACTIVATIONS_PATH,
+        C.ACTIVATIONS_META,
+        C.POOL_STATS_PATH,
+    }
+    assert outs == {str(p) for p in expected}
+
+
+def test_dvc_params_keys_exist_in_params():
+    params = C.params_to_dict(C.Params())
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for key in stage["params"]:
+            node = params
+            for part in key.split("."):
+                assert part in node, f"dvc.yaml names unknown param {key}"
+                node = node[part]
+
+
+def test_invoke_list_shows_every_task():
+    out = subprocess.run(
+        [sys.executable, "-m", "invoke", "--list"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    for name in ("setup", "repro", "test", "lint"):
+        assert re.search(rf"^\s+{name}\s+\S", out.stdout, re.M), f"{name} missing or without help"
+
+
+def test_repro_task_applies_the_profile_then_runs_dvc():
+    ctx = MockContext(
+        run={
+            "python -m nla_repro profile smoke": Result(),
+            "dvc repro --force extract": Result(),
+        }
+    )
+    tasks.repro(ctx, profile="smoke", stage="extract", force=True)
+    assert [c.args[0] for c in ctx.run.call_args_list] == [
+        "python -m nla_repro profile smoke",
+        "dvc repro --force extract",
+    ]
+
+
+def test_test_task_passes_filters():
+    ctx = MockContext(run={"python3 -m pytest -k 'config' -m 'not slow'": Result()})
+    tasks.test(ctx, k="config", fast=True)  # MockContext raises on any other command
+    assert ctx.run.call_count == 1
