@@ -12,8 +12,8 @@ from nla_repro.models import (
     load_base,
     load_kwargs,
     position_ids_from_mask,
-    resolve_device,
     residual_at_layer,
+    resolve_device,
 )
 
 

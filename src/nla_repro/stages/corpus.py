@@ -146,6 +146,14 @@ def pydoc_paragraphs(cfg: C.CorpusConfig) -> pd.DataFrame:
     return pd.DataFrame({"source_family": "pydoc", "text": [paragraphs[i] for i in take]})
 
 
+def check_texts(texts, where: str, labels: list[int], unit: str) -> None:
+    """Every text must be a non-blank string; the error lists the offending rows or lines."""
+    bad = [labels[i] for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise SourceError(f"{where} is empty or not text at {unit} {bad[:8]}{more}")
+
+
 def read_text_file(path: Path, text_column: str) -> pd.DataFrame:
     """Rows of a user's jsonl or parquet file; errors name the file, row and column."""
     if not path.exists():
@@ -175,12 +183,7 @@ def read_text_file(path: Path, text_column: str) -> pd.DataFrame:
     if text_column not in df.columns:
         raise SourceError(f"{path}: no column {text_column!r} (columns: {list(df.columns)})")
     texts = df[text_column]
-    bad = [labels[i] for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if bad:
-        raise SourceError(
-            f"{path}: column {text_column!r} is empty or not text at {unit} {bad[:8]}"
-            + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        )
+    check_texts(texts, f"{path}: column {text_column!r}", labels, unit)
     family = df["source_family"] if "source_family" in df.columns else path.stem
     out = pd.DataFrame({"source_family": family, "text": texts})
     if "doc_id" in df.columns:
@@ -202,8 +205,15 @@ def hf_dataset_texts(cfg: C.CorpusConfig) -> pd.DataFrame:
             f"dataset {cfg.hf_dataset}: no column {cfg.hf_text_column!r} ({ds.column_names})"
         )
     ds = ds.select(range(min(cfg.hf_max_docs, len(ds))))
+    texts = list(ds[cfg.hf_text_column])
+    check_texts(
+        texts,
+        f"dataset {cfg.hf_dataset} column {cfg.hf_text_column!r}",
+        range(len(texts)),
+        "row(s)",
+    )
     family = cfg.hf_dataset.rstrip("/").split("/")[-1]
-    return pd.DataFrame({"source_family": family, "text": ds[cfg.hf_text_column]})
+    return pd.DataFrame({"source_family": family, "text": texts})
 
 
 def assemble(frames: list[pd.DataFrame], cfg: C.CorpusConfig) -> tuple[pd.DataFrame, dict]:
