@@ -44,12 +44,12 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(n_layers: int = 4, seed: int = 0) -> transformers.LlamaForCausalLM:
+def tiny_llama(n_layers: int = 4, seed: int = 0, width: int = 32) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,

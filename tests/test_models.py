@@ -82,18 +82,8 @@ def test_resolve_device_and_nf4_device_map():
 
 def test_nf4_base_loads_and_runs_on_cpu(tmp_path: Path):
     pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
     # bitsandbytes' CPU kernels need in_features >= its 64-wide quantization block.
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    save_model_dir(transformers.LlamaForCausalLM(config), tmp_path)
+    save_model_dir(tiny_llama(n_layers=3, width=128), tmp_path)
     ids, mask = torch.tensor([[5, 6, 7, 8, 9]]), torch.ones(1, 5, dtype=torch.long)
     full, _ = load_base(tmp_path, "none", "float32", "cpu")
     nf4, _ = load_base(tmp_path, "nf4", "float32", "cpu")

