@@ -240,6 +240,43 @@ def test_missing_or_unreadable_input_is_a_clear_error(tmp_path):
         read_parquet(tmp_path / "junk.parquet", activations_schema(8))
 
 
+def test_nan_vectors_from_the_model_stop_extract_without_output(in_tmp, capsys, monkeypatch):
+    # E.g. an fp16 overflow: the stage validates its own output before writing anything.
+    setup_repo(in_tmp)
+    C.PARAMS_FILE.write_text(C.dump_params(extract_params()))
+    real_batch = extract.extract_batch
+
+    def poisoned(*args, **kwargs):
+        vectors = real_batch(*args, **kwargs)
+        vectors[0, 3] = np.nan
+        return vectors
+
+    monkeypatch.setattr(extract, "extract_batch", poisoned)
+    assert main(["extract"]) == 2
+    err = capsys.readouterr().err
+    assert "data/activations.parquet: does not match the activations schema" in err
+    assert "column 'vector': vector has NaN or inf at row(s)" in err
+    assert not C.ACTIVATIONS_PATH.exists() and not C.ACTIVATIONS_META.exists()
+
+
+def test_validate_command_checks_any_stage_file(in_tmp, capsys):
+    setup_repo(in_tmp)
+    path = in_tmp / "data" / "activations.parquet"
+    write_activations(path, np.ones((3, 32), np.float32))
+    assert main(["validate", str(path)]) == 0  # d_model 32 read from models/base
+    assert "3 rows match the schema" in capsys.readouterr().out
+    vectors = np.ones((3, 32), np.float32)
+    vectors[1, 0] = np.nan
+    write_activations(path, vectors)
+    assert main(["validate", str(path)]) == 2
+    assert "vector has NaN or inf at row(s) 1" in capsys.readouterr().err
+    assert main(["validate", str(path), "--d-model", "16"]) == 2
+    assert "vector width is not d_model=16" in capsys.readouterr().err
+    assert main(["validate", "data/corpus.parquet"]) == 0
+    assert main(["validate", "params.yaml"]) == 2
+    assert "no schema for this file" in capsys.readouterr().err
+
+
 SLOW_EXTRACT = """
 import sys, time
 import nla_repro.io as io

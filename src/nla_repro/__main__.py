@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nla_repro import config as C
 from nla_repro.errors import NlaError
+from nla_repro.schemas import read_parquet, schema_for
 
 STAGES = ("base", "corpus", "extract")
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=C.PARAMS_FILE)
     p = sub.add_parser("check-params", help="validate a params file and print it")
     p.add_argument("--params", type=Path, default=C.PARAMS_FILE)
+    p = sub.add_parser("validate", help="check a stage parquet against its schema")
+    p.add_argument("path", type=Path, help="e.g. data/corpus.parquet, data/activations.parquet")
+    p.add_argument("--d-model", type=int, help="vector width (default: from models/base)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output} from profile {args.name!r}")
         elif args.command == "check-params":
             print(C.dump_params(C.load_params(args.params)), end="")
+        elif args.command == "validate":
+            df = read_parquet(args.path, schema_for(args.path, args.d_model))
+            print(f"{args.path}: {len(df)} rows match the schema")
         else:
             params = C.load_params(args.params)
             importlib.import_module(f"nla_repro.stages.{args.command}").run(params)

@@ -13,6 +13,7 @@ import pandas as pd
 import pandera.pandas as pa
 import pyarrow as pa_arrow
 import pyarrow.parquet as pq
+import yaml
 
 from nla_repro.errors import DataValidationError
 
@@ -80,6 +81,22 @@ def activations_schema(d_model: int) -> pa.DataFrameSchema:
         name="activations",
         strict=True,
     )
+
+
+def schema_for(path: Path | str, d_model: int | None = None) -> pa.DataFrameSchema:
+    """The schema of a stage parquet, chosen by its file name."""
+    name = Path(path).name
+    if name.startswith("corpus"):
+        return CORPUS
+    if name.startswith("activations"):
+        if d_model is None:
+            from nla_repro.config import BASE_META
+
+            if not BASE_META.exists():
+                raise DataValidationError(f"{path}: pass --d-model (no {BASE_META} to read)")
+            d_model = int(yaml.safe_load(BASE_META.read_text())["d_model"])
+        return activations_schema(d_model)
+    raise DataValidationError(f"{path}: no schema for this file (corpus*, activations*)")
 
 
 def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: Path | str) -> pd.DataFrame:
