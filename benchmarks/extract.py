@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from nla_repro.models import adapt, load_base
-from nla_repro.stages.extract import extract_batch, pad_batch, tokenize
+from nla_repro.models import adapt, load_base, tokenize
+from nla_repro.stages.extract import extract_batch, pad_batch
 
 log = logging.getLogger("bench.extract")
 

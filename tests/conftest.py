@@ -107,10 +107,19 @@ TINY_MODELS = {
 }
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Answer:{% endif %}"
+)
+
+
 def save_model_dir(model: torch.nn.Module, out: Path, name: str = "tiny") -> Path:
-    """A model directory as the base stage writes it (safetensors, tokenizer, base_meta)."""
+    """A model directory as the base stage writes it (safetensors, tokenizer with a chat
+    template, base_meta)."""
     model.save_pretrained(out, safe_serialization=True)
-    tiny_tokenizer().save_pretrained(out)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
     meta = {"source": {"kind": "local", "name": name, "path": str(out)}}
     meta |= describe_model_dir(out)
     meta["files"] = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}

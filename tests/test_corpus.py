@@ -21,11 +21,6 @@ from nla_repro.errors import SourceError
 from nla_repro.schemas import CORPUS, SPLITS, read_parquet
 from nla_repro.stages import corpus
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}Answer:{% endif %}"
-)
-
 
 def cfg_of(**kwargs) -> C.CorpusConfig:
     """A corpus config with no source switched on except the ones named."""
@@ -61,9 +56,7 @@ def one_torch_thread():
 def base_dir(in_tmp) -> Path:
     """A tiny Llama as the base stage leaves it, at models/base under the temporary repo root;
     the tiny tokenizer gets a chat template, which generation renders prompts with."""
-    out = save_model_dir(tiny_llama(n_layers=2), in_tmp / C.BASE_DIR)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return out
+    return save_model_dir(tiny_llama(n_layers=2), in_tmp / C.BASE_DIR)
 
 
 # --- split_of ----------------------------------------------------------------------------------

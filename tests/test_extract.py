@@ -21,7 +21,7 @@ from nla_repro import config as C
 from nla_repro.__main__ import main
 from nla_repro.errors import DataValidationError
 from nla_repro.io import vectors_from_table, vectors_to_arrow
-from nla_repro.models import adapt, residual_at_layer
+from nla_repro.models import adapt, residual_at_layer, tokenize
 from nla_repro.schemas import activations_schema, read_parquet
 from nla_repro.stages import extract
 
@@ -39,7 +39,7 @@ def reference_hidden(model, tokenizer, text: str, layer: int, max_length: int) -
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_residual_at_layer_equals_hf_hidden_states(tiny_model, tokenizer, side):
     texts = SAMPLE_TEXTS[:5]
-    tokens = extract.tokenize(tokenizer, texts, 64)
+    tokens = tokenize(tokenizer, texts, 64)
     ids, mask, offsets = extract.pad_batch(tokens, tokenizer.pad_token_id, side)
     assert len({len(t) for t in tokens}) > 1  # the batch really is padded
     for layer in (0, 1, 2):
@@ -57,7 +57,7 @@ def test_residual_at_layer_equals_hf_hidden_states(tiny_model, tokenizer, side):
 def test_last_layer_is_the_block_output_before_the_final_norm(tiny_model, tokenizer):
     # HF's last hidden_states entry is the final-normed output; block L's output is not.
     arch = adapt(tiny_model)
-    ids = torch.tensor([extract.tokenize(tokenizer, SAMPLE_TEXTS[:1], 64)[0]])
+    ids = torch.tensor([tokenize(tokenizer, SAMPLE_TEXTS[:1], 64)[0]])
     hidden = residual_at_layer(tiny_model, ids, torch.ones_like(ids), arch.n_layers - 1)
     ref = reference_hidden(tiny_model, tokenizer, SAMPLE_TEXTS[0], arch.n_layers - 1, 64)
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_forward_stops_after_the_captured_block(tiny_model, tokenizer):
     handles.append(
         tiny_model.get_output_embeddings().register_forward_hook(lambda *_: ran.append("head"))
     )
-    ids, mask, _ = extract.pad_batch(extract.tokenize(tokenizer, SAMPLE_TEXTS[:2], 32), 0, "right")
+    ids, mask, _ = extract.pad_batch(tokenize(tokenizer, SAMPLE_TEXTS[:2], 32), 0, "right")
     residual_at_layer(tiny_model, ids, mask, 1)
     for h in handles:
         h.remove()

@@ -45,13 +45,13 @@ def test_vectors_round_trip_through_arrow():
 
 
 def test_chunk_store_resumes_and_drops_stale_fingerprints(tmp_path):
-    store = ChunkStore("extract", fingerprint("inputs-v1"), tmp_path)
+    store = ChunkStore(tmp_path / "extract", fingerprint("inputs-v1"))
     store.write(0, pa.table({"x": [1, 2]}))
     store.write(1, pa.table({"x": [3]}))
-    again = ChunkStore("extract", fingerprint("inputs-v1"), tmp_path)
+    again = ChunkStore(tmp_path / "extract", fingerprint("inputs-v1"))
     assert again.done(0) and again.done(1) and not again.done(2)
     assert again.read(range(2)).column("x").to_pylist() == [1, 2, 3]
-    changed = ChunkStore("extract", fingerprint("inputs-v2"), tmp_path)
+    changed = ChunkStore(tmp_path / "extract", fingerprint("inputs-v2"))
     assert not changed.done(0)
     assert [p.name for p in (tmp_path / "extract").iterdir()] == [changed.dir.name]
     changed.clear()

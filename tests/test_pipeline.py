@@ -1,5 +1,6 @@
 """End to end: `dvc repro` of the smoke profile in a fresh temporary git + DVC repo."""
 
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from nla_repro import config as C
-from nla_repro.schemas import CORPUS, activations_schema, read_parquet
+from nla_repro.schemas import CORPUS, LABELS, activations_schema, read_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_FILES = ["dvc.yaml", ".dvcignore", ".gitignore", ".gitattributes", ".dvc/config", "src"]
@@ -46,7 +47,8 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo)
 
     first = run(["dvc", "repro"], repo)
-    assert stages_run(first) == ["base", "corpus", "extract"]
+    ran = stages_run(first)
+    assert ran[:2] == ["base", "corpus"] and sorted(ran[2:]) == ["extract", "label"]
     corpus = read_parquet(repo / C.CORPUS_PATH, CORPUS)
     acts = read_parquet(repo / C.ACTIVATIONS_PATH, activations_schema(576))
     assert len(acts) == len(corpus) >= 20  # one last-token vector per document
@@ -56,8 +58,14 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     assert (meta["layer"], meta["d_model"], meta["n_layers"]) == (20, 576, 30)
     # The residual stream of this model has a large shared direction (DESIGN.md: norm ~238).
     assert 150 < meta["mean_norm"] < 350
+    labels = read_parquet(repo / C.LABELS_PATH, LABELS)
+    assert len(labels) == 16 and labels["doc_id"].isin(corpus["doc_id"]).all()  # max_rows
+    summary = json.loads((repo / C.LABEL_METRICS_PATH).read_text())
+    assert summary["stopped_by"] == "max_rows" and summary["backend"] == "local"
+    assert summary["accepted"] + summary["corrected"] + summary["rejected"] == 16
+    assert (repo / C.LABEL_CHUNKS_DIR).is_dir()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"base", "corpus", "extract"}
+    assert set(lock["stages"]) == {"base", "corpus", "label", "extract"}
 
     second = run(["dvc", "repro"], repo)
     assert stages_run(second) == []

@@ -62,6 +62,8 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
         C.ACTIVATIONS_PATH,
         C.ACTIVATIONS_META,
         C.POOL_STATS_PATH,
+        C.LABELS_PATH,
+        C.LABEL_CHUNKS_DIR,
     }
     assert outs == {str(p) for p in expected}
 

@@ -32,6 +32,10 @@ ACTIVATIONS_PATH = Path("data/activations.parquet")
 ACTIVATIONS_META = Path("data/activations.nla_meta.yaml")
 POOL_STATS_PATH = Path("data/pool_stats.json")
 CORPUS_STATS_PATH = Path("data/corpus_stats.json")
+LABELS_PATH = Path("data/labels.parquet")
+# Persisted DVC output: DVC keeps it between runs, so a relaunch skips finished chunks.
+LABEL_CHUNKS_DIR = Path("data/label_chunks")
+LABEL_METRICS_PATH = Path("metrics/label.json")
 # Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not
 # a DVC output (DVC deletes outputs before a stage runs), and it is git- and dvc-ignored.
 WORK_DIR = Path(".nla_work")
@@ -176,6 +180,70 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
+class LabelConfig:
+    mode: Literal["two-pass", "single-pass", "source_text"] = "two-pass"
+    """two-pass: labeler then auditor; single-pass: labeler only; source_text: the target is
+    the source text itself (as the extractor saw it), no LLM."""
+    backend: Literal["local", "anthropic", "openai", "gemini", "gemini-cli"] = "local"
+    """Who writes the labels: the base model offline, a provider SDK, or the gemini CLI."""
+    labeler_model: str | None = None
+    """Provider model name for the labeler (local: the base model)."""
+    auditor_model: str | None = None
+    """Provider model name for the auditor (default: labeler_model)."""
+    labeler_prompt: str = "labeler.v1"
+    """Versioned labeler template in nla_repro/prompts/."""
+    auditor_prompt: str = "auditor.v1"
+    """Versioned auditor template in nla_repro/prompts/."""
+    base_url: str | None = None
+    """Provider endpoint override (a proxy, a batch gateway, a test server)."""
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    """Corpus splits to label."""
+    max_new_tokens: int = 96
+    """Length cap of one response, in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy for the local backend)."""
+    batch_size: int = 16
+    """Prompts per local generate call."""
+    chunk_size: int = 32
+    """Rows per restart-safe chunk under data/label_chunks/."""
+    max_attempts: int = 3
+    """Tries per row when a response does not parse (then the row is recorded rejected)."""
+    max_retries: int = 5
+    """Retries of a rate-limited, failing or malformed call."""
+    backoff_base_s: float = 1.0
+    """First retry delay; doubles per retry, with jitter."""
+    backoff_max_s: float = 60.0
+    """Cap of one retry delay."""
+    timeout_s: float = 60.0
+    """Timeout of one provider request."""
+    quota_wait_s: float = 900.0
+    """Wait after a daily-quota error before trying again (watchdog)."""
+    quota_deadline_h: float = 24.0
+    """Give up waiting for the quota this many hours after the stage started."""
+    max_rows: int = 0
+    """Budget: label at most this many rows (0: all)."""
+    max_cost_usd: float = 0.0
+    """Budget: stop once the estimated cost passes this (0: no cap)."""
+    price_in_per_mtok: float = 0.0
+    """Price of a million input tokens, for the cost estimate."""
+    price_out_per_mtok: float = 0.0
+    """Price of a million output tokens, for the cost estimate."""
+    seed: int = 0
+    """Seed of local sampling (combined with chunk and attempt)."""
+
+    def validate(self, where: str) -> None:
+        unknown = sorted(set(self.splits) - {"train", "val", "test"})
+        if unknown or not self.splits:
+            raise ConfigError(f"{where}.splits: expected a subset of train, val, test")
+        if self.backend != "local" and self.mode != "source_text" and not self.labeler_model:
+            raise ConfigError(f"{where}: backend {self.backend} needs labeler_model")
+        for name in ("max_new_tokens", "batch_size", "chunk_size", "max_attempts", "timeout_s"):
+            _positive(self, name, where)
+        if min(self.max_retries, self.max_rows, self.max_cost_usd, self.quota_wait_s) < 0:
+            raise ConfigError(f"{where}: retries, budgets and waits must be >= 0")
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str = "default"
     """Name of the profile these params were materialized from."""
@@ -185,6 +253,8 @@ class Params:
     """Corpus stage."""
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     """Activation extraction stage."""
+    label: LabelConfig = field(default_factory=LabelConfig)
+    """Label stage (explanations, the NLA training targets)."""
 
 
 def _positive(obj: Any, name: str, where: str) -> None:

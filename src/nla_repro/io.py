@@ -114,8 +114,8 @@ class ChunkStore:
     Each chunk is a parquet file written atomically; a chunk file exists only if complete.
     """
 
-    def __init__(self, stage: str, fingerprint: str, root: Path | str) -> None:
-        self.stage_dir = Path(root) / stage
+    def __init__(self, directory: Path | str, fingerprint: str) -> None:
+        self.stage_dir = Path(directory)
         self.dir = self.stage_dir / fingerprint[:16]
         # Chunks of other fingerprints are stale: their inputs or params changed.
         if self.stage_dir.exists():

@@ -106,6 +106,13 @@ def capture_layer(model: nn.Module, layer: int, stop: bool = True) -> Iterator[d
         handle.remove()
 
 
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids as every stage sees a document: special tokens added, cut at max_length."""
+    return tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)[
+        "input_ids"
+    ]
+
+
 def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift them."""
     return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)

@@ -38,6 +38,43 @@ CORPUS = pa.DataFrameSchema(
 )
 
 
+LABEL_STATUSES = ("accepted", "corrected", "rejected")
+
+LABELS = pa.DataFrameSchema(
+    {
+        "doc_id": pa.Column(str, pa.Check(_nonblank, error="doc_id is empty"), unique=True),
+        "split": pa.Column(str, pa.Check.isin(SPLITS)),
+        "source_family": pa.Column(str),
+        "text": pa.Column(str, pa.Check(_nonblank, error="text is empty")),
+        "final_token": pa.Column(str),
+        "explanation": pa.Column(str),
+        "status": pa.Column(str, pa.Check.isin(LABEL_STATUSES)),
+        "verdict": pa.Column(str, pa.Check.isin(("accept", "corrected", "reject", "none"))),
+        "reason": pa.Column(str),
+        "labeler_response": pa.Column(str),
+        "attempts": pa.Column("int64", pa.Check.ge(0)),
+        "input_tokens": pa.Column("int64", pa.Check.ge(0)),
+        "output_tokens": pa.Column("int64", pa.Check.ge(0)),
+        "latency_s": pa.Column(float, pa.Check.ge(0)),
+        "mode": pa.Column(str, pa.Check.isin(("two-pass", "single-pass", "source_text"))),
+        "backend": pa.Column(str),
+        "labeler_model": pa.Column(str),
+        "auditor_model": pa.Column(str),
+        "labeler_prompt_sha256": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{64}$")),
+        "auditor_prompt_sha256": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{64}$")),
+        "created_at": pa.Column(str),
+    },
+    checks=[
+        pa.Check(
+            lambda df: (df["status"] == "rejected") | (df["explanation"].str.strip().str.len() > 0),
+            error="accepted or corrected row without an explanation",
+        ),
+    ],
+    name="labels",
+    strict=True,
+)
+
+
 def _vector_checks(d_model: int) -> list[pa.Check]:
     return [
         pa.Check(
@@ -88,6 +125,8 @@ def schema_for(path: Path | str, d_model: int | None = None) -> pa.DataFrameSche
     name = Path(path).name
     if name.startswith("corpus"):
         return CORPUS
+    if name.startswith("labels"):
+        return LABELS
     if name.startswith("activations"):
         if d_model is None:
             from nla_repro.config import BASE_META
@@ -96,7 +135,7 @@ def schema_for(path: Path | str, d_model: int | None = None) -> pa.DataFrameSche
                 raise DataValidationError(f"{path}: pass --d-model (no {BASE_META} to read)")
             d_model = int(yaml.safe_load(BASE_META.read_text())["d_model"])
         return activations_schema(d_model)
-    raise DataValidationError(f"{path}: no schema for this file (corpus*, activations*)")
+    raise DataValidationError(f"{path}: no schema for this file (corpus*, labels*, activations*)")
 
 
 def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: Path | str) -> pd.DataFrame:

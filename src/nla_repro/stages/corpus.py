@@ -69,9 +69,8 @@ def generate_families(cfg: C.CorpusConfig, base: C.BaseConfig, work_root: Path) 
     meta = read_base_meta(C.BASE_DIR)
     prompts_sha = sha256_file(Path(C.__file__).parent / "prompts" / "corpus_families.yaml")
     store = ChunkStore(
-        "corpus",
+        work_root / "corpus",
         fingerprint(meta["files"], cfg, base.quantization, base.compute_dtype, prompts_sha),
-        work_root,
     )
     batches = [jobs[i : i + cfg.gen_batch_size] for i in range(0, len(jobs), cfg.gen_batch_size)]
     todo = [i for i in range(len(batches)) if not store.done(i)]

@@ -33,7 +33,7 @@ from nla_repro.io import (
     write_parquet,
     write_yaml,
 )
-from nla_repro.models import adapt, load_base, read_base_meta, residual_at_layer
+from nla_repro.models import adapt, load_base, read_base_meta, residual_at_layer, tokenize
 from nla_repro.schemas import CORPUS, activations_schema, read_parquet, validate
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,6 @@ def pick_positions(n_tokens: int, doc_id: str, cfg: C.ExtractConfig) -> list[int
     rng = np.random.default_rng(seed)
     k = min(cfg.k_positions, n_tokens - lo)
     return sorted(int(p) for p in rng.choice(np.arange(lo, n_tokens), size=k, replace=False))
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)[
-        "input_ids"
-    ]
 
 
 def pad_batch(
@@ -122,9 +116,8 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR) -> dict:
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     chunks = [batches[i : i + cfg.chunk_batches] for i in range(0, len(batches), cfg.chunk_batches)]
     store = ChunkStore(
-        "extract",
+        work_root / "extract",
         fingerprint(corpus_sha, meta["files"], cfg, base.quantization, base.compute_dtype),
-        work_root,
     )
 
     total = sum(len(t) for t in tokens)

@@ -1,0 +1,320 @@
+"""label stage: an explanation per document -> data/labels.parquet, metrics/label.json.
+
+The labeler sees each text exactly as the extractor does (cut at extract.max_length tokens),
+so "the final token" is the extracted position. Two passes: the labeler writes the
+explanation, the auditor accepts, corrects or rejects it. Rows are labeled in chunks under
+data/label_chunks/ (a persisted DVC output): a relaunch skips finished chunks, and the final
+parquet is the deterministic merge of the chunks in corpus order.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import random
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import transformers
+from tqdm import tqdm
+
+from nla_repro import config as C
+from nla_repro import labelers as L
+from nla_repro.errors import NlaError
+from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
+from nla_repro.models import load_base, read_base_meta, tokenize
+from nla_repro.schemas import CORPUS, LABELS, read_parquet, validate
+from nla_repro.templates import load_template, parse_explanation, parse_verdict
+
+log = logging.getLogger(__name__)
+
+# Knobs that change how the stage waits or stops, not what a finished row contains.
+RUNTIME_ONLY = {
+    "max_retries",
+    "backoff_base_s",
+    "backoff_max_s",
+    "timeout_s",
+    "quota_wait_s",
+    "quota_deadline_h",
+    "max_cost_usd",
+    "max_rows",
+    "price_in_per_mtok",
+    "price_out_per_mtok",
+}
+
+
+class LabelingStopped(NlaError):
+    """The stage stopped early (quota deadline, provider outage); a rerun resumes."""
+
+
+def shown_texts(tokenizer, texts: list[str], max_length: int) -> tuple[list[str], list[str]]:
+    """Each text as the extractor sees it, and its final token as text."""
+    ids = tokenize(tokenizer, texts, max_length)
+    shown = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+    final = [tokenizer.decode(t[-1:]).strip() or repr(tokenizer.decode(t[-1:])) for t in ids]
+    return shown, final
+
+
+def make_backend(params: C.Params, policy: L.RetryPolicy) -> L.Backend:
+    cfg = params.label
+    if cfg.backend == "local":
+        base = params.base
+        model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
+        name = read_base_meta(C.BASE_DIR)["source"]["name"]
+        return L.LocalBackend(model, tokenizer, name, cfg)
+    return L.REMOTE_BACKENDS[cfg.backend](cfg.labeler_model, cfg, policy)
+
+
+def _ask(backend: L.Backend, template, rows: list[dict], seed: int) -> list[L.Completion]:
+    """Responses to the template rendered for each row, in batches of the backend's size."""
+    out: list[L.Completion] = []
+    for i in range(0, len(rows), backend.batch_size):
+        batch = rows[i : i + backend.batch_size]
+        if isinstance(backend, L.LocalBackend) and template.local_scaffold:
+            prompts = [template.render(local=True, **r) for r in batch]
+            out += backend.complete_scaffold(prompts, template.local_scaffold, batch, seed + i)
+        else:
+            prompts = [template.render(**r) for r in batch]
+            out += backend.complete(prompts, template.prefill, seed + i)
+    return out
+
+
+def _with_retries(backend, template, rows: list[dict], parse, cfg, seed) -> list[tuple]:
+    """Ask until each response parses or max_attempts runs out: (parsed, completion, tries)."""
+    results: list[tuple | None] = [None] * len(rows)
+    tries = [0] * len(rows)
+    pending = list(range(len(rows)))
+    for attempt in range(cfg.max_attempts):
+        comps = _ask(backend, template, [rows[i] for i in pending], seed + 7919 * attempt)
+        still = []
+        for i, comp in zip(pending, comps, strict=True):
+            tries[i] += comp.attempts
+            parsed = parse(comp.text) if not comp.error else None
+            results[i] = (parsed, comp, tries[i])
+            if parsed is None or parsed.error:
+                still.append(i)
+        pending = still
+        if not pending:
+            break
+    return results
+
+
+def label_rows(rows: pd.DataFrame, backends: dict, cfg: C.LabelConfig, seed: int) -> dict:
+    """Columns of the labeled rows, in the order of `rows`."""
+    labeler_t, auditor_t = load_template(cfg.labeler_prompt), load_template(cfg.auditor_prompt)
+    n = len(rows)
+    out: dict[str, list] = collections.defaultdict(list)
+    if cfg.mode == "source_text":
+        out["explanation"] = rows["text"].tolist()
+        out["status"], out["verdict"], out["reason"] = ["accepted"] * n, ["none"] * n, [""] * n
+        out["labeler_response"] = [""] * n
+        for key in ("attempts", "input_tokens", "output_tokens"):
+            out[key] = [0] * n
+        out["latency_s"] = [0.0] * n
+        return out
+
+    fields = [
+        {"text": t, "final_token": f}
+        for t, f in zip(rows["text"], rows["final_token"], strict=True)
+    ]
+    first = _with_retries(backends["labeler"], labeler_t, fields, parse_explanation, cfg, seed)
+    audits: dict[int, tuple] = {}
+    if cfg.mode == "two-pass":
+        ok = [i for i, (p, _, _) in enumerate(first) if p is not None and p.ok]
+        audit_fields = [fields[i] | {"explanation": first[i][0].text} for i in ok]
+        results = _with_retries(
+            backends["auditor"], auditor_t, audit_fields, parse_verdict, cfg, seed + 1
+        )
+        audits = dict(zip(ok, results, strict=True))
+
+    for i, (parsed, comp, tries) in enumerate(first):
+        explanation, status, verdict, reason = "", "rejected", "none", ""
+        in_tok, out_tok, latency = comp.input_tokens, comp.output_tokens, comp.latency_s
+        if parsed is None or not parsed.ok:
+            reason = f"labeler: {comp.error or parsed.error}"
+        elif cfg.mode == "single-pass":
+            explanation, status = parsed.text, "accepted"
+        else:
+            audit, acomp, atries = audits[i]
+            tries += atries
+            in_tok, out_tok = in_tok + acomp.input_tokens, out_tok + acomp.output_tokens
+            latency += acomp.latency_s
+            if audit is None or audit.error:
+                reason = f"auditor: {acomp.error or audit.error}"
+            else:
+                verdict, reason = audit.verdict, audit.reason
+                if audit.verdict == "accept":
+                    explanation, status = parsed.text, "accepted"
+                elif audit.verdict == "corrected":
+                    explanation, status = audit.corrected.text, "corrected"
+        out["explanation"].append(explanation)
+        out["status"].append(status)
+        out["verdict"].append(verdict)
+        out["reason"].append(reason)
+        out["labeler_response"].append(comp.text)
+        out["attempts"].append(tries)
+        out["input_tokens"].append(in_tok)
+        out["output_tokens"].append(out_tok)
+        out["latency_s"].append(latency)
+    return out
+
+
+def estimated_cost(cfg: C.LabelConfig, input_tokens: int, output_tokens: int) -> float:
+    return (input_tokens * cfg.price_in_per_mtok + output_tokens * cfg.price_out_per_mtok) / 1e6
+
+
+def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
+    cfg = params.label
+    corpus = read_parquet(C.CORPUS_PATH, CORPUS)
+    rows = corpus[corpus["split"].isin(cfg.splits)].reset_index(drop=True)
+    n_selected = len(rows)
+    if cfg.max_rows:
+        rows = rows.iloc[: cfg.max_rows]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(C.BASE_DIR)
+    rows["text"], rows["final_token"] = shown_texts(
+        tokenizer, rows["text"].tolist(), params.extract.max_length
+    )
+    labeler_t, auditor_t = load_template(cfg.labeler_prompt), load_template(cfg.auditor_prompt)
+    meta = read_base_meta(C.BASE_DIR)
+    local_name = meta["source"]["name"]
+    labeler_model = local_name if cfg.backend == "local" else cfg.labeler_model
+    auditor_model = (
+        labeler_model if cfg.backend == "local" else (cfg.auditor_model or cfg.labeler_model)
+    )
+    if cfg.mode == "source_text":
+        labeler_model = auditor_model = "none"
+    elif cfg.mode == "single-pass":
+        auditor_model = "none"
+
+    content_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_ONLY}
+    store = ChunkStore(
+        chunk_root,
+        fingerprint(
+            sha256_file(C.CORPUS_PATH),
+            meta["files"],
+            content_cfg,
+            labeler_t.sha256,
+            auditor_t.sha256,
+            params.extract.max_length,
+            params.base.quantization,
+            params.base.compute_dtype,
+        ),
+    )
+    chunks = [
+        range(i, min(i + cfg.chunk_size, len(rows))) for i in range(0, len(rows), cfg.chunk_size)
+    ]
+    policy = L.RetryPolicy(
+        max_retries=cfg.max_retries,
+        backoff_base_s=cfg.backoff_base_s,
+        backoff_max_s=cfg.backoff_max_s,
+        quota_wait_s=cfg.quota_wait_s,
+        deadline=time.time() + cfg.quota_deadline_h * 3600,
+        rng=random.Random(cfg.seed),
+    )
+    backends: dict = {}
+    done = [c for c in range(len(chunks)) if store.done(c)]
+    spent = (
+        store.read(done).to_pandas()
+        if done
+        else pd.DataFrame(columns=["input_tokens", "output_tokens"])
+    )
+    cost = estimated_cost(cfg, int(spent["input_tokens"].sum()), int(spent["output_tokens"].sum()))
+    stopped_by = "max_rows" if cfg.max_rows and cfg.max_rows < n_selected else ""
+    bar = tqdm(total=len(rows), initial=sum(len(chunks[c]) for c in done), unit="row", desc="label")
+    try:
+        for c, chunk in enumerate(chunks):
+            if store.done(c):
+                continue
+            if cfg.max_cost_usd and cost >= cfg.max_cost_usd:
+                stopped_by = "max_cost_usd"
+                log.warning("label: estimated cost $%.4f reached the cap; stopping", cost)
+                break
+            if not backends and cfg.mode != "source_text":
+                labeler = make_backend(params, policy)
+                auditor = labeler
+                if (
+                    cfg.backend != "local"
+                    and auditor_model != labeler_model
+                    and cfg.mode == "two-pass"
+                ):
+                    auditor = L.REMOTE_BACKENDS[cfg.backend](auditor_model, cfg, policy)
+                backends = {"labeler": labeler, "auditor": auditor}
+            part = rows.iloc[chunk.start : chunk.stop]
+            cols = label_rows(part, backends, cfg, seed=cfg.seed * 1_000_003 + c * 10_007)
+            table = pa.table(
+                {
+                    "doc_id": part["doc_id"].tolist(),
+                    "split": part["split"].tolist(),
+                    "source_family": part["source_family"].tolist(),
+                    "text": part["text"].tolist(),
+                    "final_token": part["final_token"].tolist(),
+                    **cols,
+                    "mode": [cfg.mode] * len(part),
+                    "backend": [cfg.backend] * len(part),
+                    "labeler_model": [labeler_model] * len(part),
+                    "auditor_model": [auditor_model] * len(part),
+                    "labeler_prompt_sha256": [labeler_t.sha256] * len(part),
+                    "auditor_prompt_sha256": [auditor_t.sha256] * len(part),
+                    "created_at": [datetime.now(UTC).isoformat(timespec="seconds")] * len(part),
+                }
+            )
+            store.write(c, table)
+            cost += estimated_cost(cfg, sum(cols["input_tokens"]), sum(cols["output_tokens"]))
+            bar.update(len(part))
+    except (L.QuotaDeadlineExceeded, L.ProviderError) as err:
+        finished = sum(1 for c in range(len(chunks)) if store.done(c))
+        raise LabelingStopped(
+            f"label stopped after {finished}/{len(chunks)} chunks: {err}. Finished chunks are "
+            f"kept in {chunk_root}; rerun `dvc repro label` to resume."
+        ) from None
+    finally:
+        bar.close()
+
+    done = [c for c in range(len(chunks)) if store.done(c)]
+    labels = store.read(done).to_pandas() if done else pd.DataFrame()
+    labels = validate(labels, LABELS, C.LABELS_PATH)
+    summary = summarize(labels, cfg, n_selected, cost, stopped_by, labeler_model, auditor_model)
+    write_parquet(pa.Table.from_pandas(labels, preserve_index=False), C.LABELS_PATH)
+    write_json(summary, C.LABEL_METRICS_PATH)
+    log.info(
+        "label: %d rows: %d accepted, %d corrected, %d rejected; est. cost $%.4f",
+        summary["n_rows"],
+        summary["accepted"],
+        summary["corrected"],
+        summary["rejected"],
+        summary["estimated_cost_usd"],
+    )
+    return summary
+
+
+def summarize(labels, cfg, n_selected, cost, stopped_by, labeler_model, auditor_model) -> dict:
+    status = labels["status"].value_counts() if len(labels) else {}
+    reasons = (
+        collections.Counter(
+            r.split(":")[0] + ": " + r.split(":", 1)[1].strip()[:60] if ":" in r else r
+            for r in labels.loc[labels["status"] == "rejected", "reason"]
+        )
+        if len(labels)
+        else collections.Counter()
+    )
+    return {
+        "mode": cfg.mode,
+        "backend": cfg.backend,
+        "labeler_model": labeler_model,
+        "auditor_model": auditor_model,
+        "n_selected": int(n_selected),
+        "n_rows": len(labels),
+        "accepted": int(status.get("accepted", 0)),
+        "corrected": int(status.get("corrected", 0)),
+        "rejected": int(status.get("rejected", 0)),
+        "rejection_reasons": dict(reasons.most_common(10)),
+        "attempts_mean": float(labels["attempts"].mean()) if len(labels) else 0.0,
+        "input_tokens": int(labels["input_tokens"].sum()) if len(labels) else 0,
+        "output_tokens": int(labels["output_tokens"].sum()) if len(labels) else 0,
+        "estimated_cost_usd": round(cost, 6),
+        "stopped_by": stopped_by or "complete",
+    }
