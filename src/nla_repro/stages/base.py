@@ -26,6 +26,7 @@ from nla_repro import config as C
 from nla_repro.errors import SourceError
 from nla_repro.io import atomic_path, sha256_file, write_yaml
 from nla_repro.models import adapt
+from nla_repro.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ def download_hub_repo(repo_id: str, revision: str) -> Path:
             token=os.environ.get("HF_TOKEN") or None,
         )
     except Exception as err:  # hub errors come in many classes; the message is what helps
-        raise SourceError(f"could not fetch {repo_id}@{revision}: {type(err).__name__}") from None
+        detail = redact(f"{type(err).__name__}: {err}")
+        raise SourceError(f"could not fetch {repo_id}@{revision}: {detail}") from None
     return Path(path)
 
 
