@@ -201,7 +201,7 @@ class LabelConfig:
     max_new_tokens: int = 96
     """Length cap of one response, in tokens."""
     temperature: float = 0.7
-    """Sampling temperature (0: greedy for the local backend)."""
+    """Sampling temperature (0: greedy for the local backend; the anthropic SDK 2.x takes none)."""
     batch_size: int = 16
     """Prompts per local generate call."""
     chunk_size: int = 32

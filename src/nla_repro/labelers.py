@@ -137,7 +137,8 @@ def call_with_retry(fn: Callable[[], Any], policy: RetryPolicy) -> tuple[Any, in
         backoff = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (failures - 1))
         delay = backoff * (0.5 + policy.rng.random())
         if err.retry_after is not None:  # the server's wait is a floor; jitter never cuts it
-            delay = max(delay, err.retry_after)
+            # ... but a wait longer than the quota watchdog's is capped at that.
+            delay = min(max(delay, err.retry_after), policy.quota_wait_s)
         log.info("%s (%s); retry %d in %.1f s", err.kind, err, failures, delay)
         policy.sleep(delay)
 
@@ -151,7 +152,8 @@ class Backend(ABC):
 
     @abstractmethod
     def complete(self, prompts: list[str], prefill: str, seed: int) -> list[Completion]:
-        """One Completion per prompt, in order; the prefill starts each response."""
+        """One Completion per prompt, in order. Backends that support it (local, anthropic)
+        send the prefill as the start of the response; the others ignore it."""
 
 
 class LocalBackend(Backend):
@@ -268,8 +270,20 @@ class RemoteBackend(Backend):
         self.model, self.cfg, self.policy = model, cfg, policy
 
     @abstractmethod
+    def _request(self, prompt: str, prefill: str) -> Any:
+        """One request; raises the SDK's error (or a ProviderError) on failure."""
+
+    @abstractmethod
+    def _parse(self, response: Any, prefill: str) -> Completion:
+        """Text and token counts of a successful response."""
+
     def _call(self, prompt: str, prefill: str) -> Completion:
-        """One request; raises the SDK's (or a ProviderError) on failure."""
+        response = self._request(prompt, prefill)
+        try:
+            return self._parse(response, prefill)
+        except (AttributeError, TypeError, IndexError, KeyError, ValueError) as err:
+            # A 200 of an unexpected shape: retried, then recorded; never a crash.
+            raise ProviderError("malformed", f"unexpected response: {err!r}") from None
 
     def complete(self, prompts: list[str], prefill: str, seed: int) -> list[Completion]:
         out = []
@@ -310,15 +324,17 @@ class AnthropicBackend(RemoteBackend):
             timeout=cfg.timeout_s,
         )
 
-    def _call(self, prompt: str, prefill: str) -> Completion:
+    def _request(self, prompt: str, prefill: str) -> Any:
         messages: list[dict] = [{"role": "user", "content": prompt}]
         if prefill.strip():  # the API refuses a prefill that ends in whitespace
             messages.append({"role": "assistant", "content": prefill.rstrip()})
         # No temperature: the anthropic SDK (2.x) has no sampling parameters any more, and
         # passing one is a TypeError before any request is sent.
-        r = self.client.messages.create(
+        return self.client.messages.create(
             model=self.model, max_tokens=self.cfg.max_new_tokens, messages=messages
         )
+
+    def _parse(self, r: Any, prefill: str) -> Completion:
         text = "".join(b.text for b in r.content if getattr(b, "type", "") == "text")
         return Completion(prefill.rstrip() + text, r.usage.input_tokens, r.usage.output_tokens)
 
@@ -337,13 +353,15 @@ class OpenAIBackend(RemoteBackend):
             timeout=cfg.timeout_s,
         )
 
-    def _call(self, prompt: str, prefill: str) -> Completion:
-        r = self.client.chat.completions.create(
+    def _request(self, prompt: str, prefill: str) -> Any:
+        return self.client.chat.completions.create(
             model=self.model,
             messages=[{"role": "user", "content": prompt}],
             max_completion_tokens=self.cfg.max_new_tokens,
             temperature=self.cfg.temperature,
         )
+
+    def _parse(self, r: Any, prefill: str) -> Completion:
         text = r.choices[0].message.content or ""
         return Completion(text, r.usage.prompt_tokens, r.usage.completion_tokens)
 
@@ -364,14 +382,18 @@ class GeminiBackend(RemoteBackend):
             ),
         )
 
-    def _call(self, prompt: str, prefill: str) -> Completion:
-        r = self.client.models.generate_content(
+    def _request(self, prompt: str, prefill: str) -> Any:
+        return self.client.models.generate_content(
             model=self.model,
             contents=prompt,
             config=self.types.GenerateContentConfig(
                 max_output_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature
             ),
         )
+
+    def _parse(self, r: Any, prefill: str) -> Completion:
+        if not r.candidates:  # blocked or empty: nothing to parse
+            raise ValueError("response has no candidates")
         usage = r.usage_metadata
         return Completion(
             r.text or "",
@@ -389,7 +411,7 @@ class GeminiCliBackend(RemoteBackend):
         super().__init__(model, cfg, policy)
         self.exe = platform.resolve_cli("gemini")
 
-    def _call(self, prompt: str, prefill: str) -> Completion:
+    def _request(self, prompt: str, prefill: str) -> Any:
         cmd = [self.exe, "--model", self.model, "--output-format", "json", "--prompt", prompt]
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=self.cfg.timeout_s, encoding="utf-8"
@@ -400,7 +422,10 @@ class GeminiCliBackend(RemoteBackend):
             raise ProviderError(
                 classify(_StatusError(status, message)).kind, f"gemini CLI: {message}"
             )
-        data = json.loads(proc.stdout)
+        return proc.stdout
+
+    def _parse(self, stdout: Any, prefill: str) -> Completion:
+        data = json.loads(stdout)
         tokens = next(iter(data.get("stats", {}).get("models", {}).values()), {}).get("tokens", {})
         return Completion(
             data["response"], int(tokens.get("prompt", 0)), int(tokens.get("candidates", 0))

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # Knobs that change how the stage waits or stops, not what a finished row contains.
 RUNTIME_ONLY = {
+    "base_url",
     "max_retries",
     "backoff_base_s",
     "backoff_max_s",
@@ -87,12 +88,18 @@ def _with_retries(backend, template, rows: list[dict], parse, cfg, seed) -> list
     """Ask until each response parses or max_attempts runs out: (parsed, completion, tries)."""
     results: list[tuple | None] = [None] * len(rows)
     tries = [0] * len(rows)
+    spent = [(0, 0, 0.0)] * len(rows)  # tokens and latency of every attempt: all are billed
     pending = list(range(len(rows)))
     for attempt in range(cfg.max_attempts):
         comps = _ask(backend, template, [rows[i] for i in pending], seed + 7919 * attempt)
         still = []
         for i, comp in zip(pending, comps, strict=True):
             tries[i] += comp.attempts
+            n_in, n_out, secs = spent[i]
+            spent[i] = (n_in + comp.input_tokens, n_out + comp.output_tokens, secs + comp.latency_s)
+            comp = dataclasses.replace(
+                comp, input_tokens=spent[i][0], output_tokens=spent[i][1], latency_s=spent[i][2]
+            )
             parsed = parse(comp.text) if not comp.error else None
             results[i] = (parsed, comp, tries[i])
             if parsed is None or parsed.error:
