@@ -180,3 +180,19 @@ def test_kill_9_mid_label_then_rerun_labels_every_row_once(tmp_path, monkeypatch
     labels = pq.read_table(tmp_path / C.LABELS_PATH).to_pandas()
     corpus = pd.read_parquet(tmp_path / C.CORPUS_PATH)
     assert labels["doc_id"].tolist() == corpus["doc_id"].tolist()
+
+
+def test_raising_max_rows_reuses_whole_chunks_and_labels_the_rest(in_tmp, monkeypatch):
+    setup_label_repo(in_tmp)
+    first = label.run(label_params(mode="source_text", max_rows=4, chunk_size=3))
+    assert first["n_rows"] == 4  # chunks of 3 cover rows 0..5; the output is trimmed
+    asked = []
+    real = label.label_rows
+    monkeypatch.setattr(
+        label, "label_rows", lambda rows, *a, **k: asked.append(len(rows)) or real(rows, *a, **k)
+    )
+    second = label.run(label_params(mode="source_text", max_rows=7, chunk_size=3))
+    labels = pd.read_parquet(C.LABELS_PATH)
+    corpus = pd.read_parquet(C.CORPUS_PATH)
+    assert labels["doc_id"].tolist() == corpus["doc_id"].tolist()[:7]
+    assert second["n_rows"] == 7 and asked == [2]  # only the third chunk (rows 6..7) is new

@@ -110,9 +110,11 @@ def _with_retries(backend, template, rows: list[dict], parse, cfg, seed) -> list
     return results
 
 
-def label_rows(rows: pd.DataFrame, backends: dict, cfg: C.LabelConfig, seed: int) -> dict:
+def label_rows(
+    rows: pd.DataFrame, backends: dict, cfg: C.LabelConfig, templates: tuple, seed: int
+) -> dict:
     """Columns of the labeled rows, in the order of `rows`."""
-    labeler_t, auditor_t = load_template(cfg.labeler_prompt), load_template(cfg.auditor_prompt)
+    labeler_t, auditor_t = templates
     n = len(rows)
     out: dict[str, list] = collections.defaultdict(list)
     if cfg.mode == "source_text":
@@ -179,8 +181,7 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
     corpus = read_parquet(C.CORPUS_PATH, CORPUS)
     rows = corpus[corpus["split"].isin(cfg.splits)].reset_index(drop=True)
     n_selected = len(rows)
-    if cfg.max_rows:
-        rows = rows.iloc[: cfg.max_rows]
+    n_wanted = min(cfg.max_rows or n_selected, n_selected)
     tokenizer = transformers.AutoTokenizer.from_pretrained(C.BASE_DIR)
     rows["text"], rows["final_token"] = shown_texts(
         tokenizer, rows["text"].tolist(), params.extract.max_length
@@ -211,8 +212,10 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
             params.base.compute_dtype,
         ),
     )
+    # Chunks always cover whole chunk_size slices of all selected rows, so a later, larger
+    # max_rows finds its finished chunks complete; the output is trimmed to max_rows.
     chunks = [
-        range(i, min(i + cfg.chunk_size, len(rows))) for i in range(0, len(rows), cfg.chunk_size)
+        range(i, min(i + cfg.chunk_size, n_selected)) for i in range(0, n_wanted, cfg.chunk_size)
     ]
     policy = L.RetryPolicy(
         max_retries=cfg.max_retries,
@@ -230,8 +233,10 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
         else pd.DataFrame(columns=["input_tokens", "output_tokens"])
     )
     cost = estimated_cost(cfg, int(spent["input_tokens"].sum()), int(spent["output_tokens"].sum()))
-    stopped_by = "max_rows" if cfg.max_rows and cfg.max_rows < n_selected else ""
-    bar = tqdm(total=len(rows), initial=sum(len(chunks[c]) for c in done), unit="row", desc="label")
+    stopped_by = "max_rows" if n_wanted < n_selected else ""
+    total = chunks[-1].stop if chunks else 0
+    initial = sum(len(chunks[c]) for c in done)
+    bar = tqdm(total=total, initial=initial, unit="row", desc="label")
     try:
         for c, chunk in enumerate(chunks):
             if store.done(c):
@@ -251,7 +256,8 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
                     auditor = L.REMOTE_BACKENDS[cfg.backend](auditor_model, cfg, policy)
                 backends = {"labeler": labeler, "auditor": auditor}
             part = rows.iloc[chunk.start : chunk.stop]
-            cols = label_rows(part, backends, cfg, seed=cfg.seed * 1_000_003 + c * 10_007)
+            seed = cfg.seed * 1_000_003 + c * 10_007
+            cols = label_rows(part, backends, cfg, (labeler_t, auditor_t), seed)
             table = pa.table(
                 {
                     "doc_id": part["doc_id"].tolist(),
@@ -282,18 +288,19 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
         bar.close()
 
     done = [c for c in range(len(chunks)) if store.done(c)]
-    labels = store.read(done).to_pandas() if done else pd.DataFrame()
-    labels = validate(labels, LABELS, C.LABELS_PATH)
+    labels = store.read(done).to_pandas().iloc[:n_wanted] if done else pd.DataFrame()
+    labels = validate(labels.reset_index(drop=True), LABELS, C.LABELS_PATH)
     summary = summarize(labels, cfg, n_selected, cost, stopped_by, labeler_model, auditor_model)
     write_parquet(pa.Table.from_pandas(labels, preserve_index=False), C.LABELS_PATH)
     write_json(summary, C.LABEL_METRICS_PATH)
     log.info(
-        "label: %d rows: %d accepted, %d corrected, %d rejected; est. cost $%.4f",
+        "label: %d rows: %d accepted, %d corrected, %d rejected; est. cost $%.4f; rejections: %s",
         summary["n_rows"],
         summary["accepted"],
         summary["corrected"],
         summary["rejected"],
         summary["estimated_cost_usd"],
+        summary["rejection_reasons"] or "none",
     )
     return summary
 
