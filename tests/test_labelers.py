@@ -936,6 +936,7 @@ state = {state!r}
 with open(state) as f:
     data = json.load(f)
 data["calls"].append(sys.argv[1:])
+data["stdin"].append(sys.stdin.read())
 step = data["script"].pop(0) if data["script"] else {{"rc": 3, "stderr": "script exhausted"}}
 with open(state, "w") as f:
     json.dump(data, f)
@@ -958,12 +959,17 @@ class FakeGemini:
         self.script()
 
     def script(self, *steps: dict) -> None:
-        calls = json.loads(self.state.read_text())["calls"] if self.state.exists() else []
-        self.state.write_text(json.dumps({"calls": calls, "script": list(steps)}))
+        old = json.loads(self.state.read_text()) if self.state.exists() else {}
+        calls, stdin = old.get("calls", []), old.get("stdin", [])
+        self.state.write_text(json.dumps({"calls": calls, "stdin": stdin, "script": list(steps)}))
 
     @property
     def calls(self) -> list[list[str]]:
         return json.loads(self.state.read_text())["calls"]
+
+    @property
+    def stdin(self) -> list[str]:
+        return json.loads(self.state.read_text())["stdin"]
 
 
 def cli_ok(text: str, model: str = "gemini-test", prompt: int = 11, candidates: int = 4) -> dict:
@@ -994,9 +1000,10 @@ def test_gemini_cli_returns_text_and_tokens(fake_gemini):
     (comp,) = backend.complete(["Check this.\nText: x"], "VERDICT:", seed=0)
     assert (comp.text, comp.input_tokens, comp.output_tokens) == ("VERDICT: accept", 21, 6)
     assert comp.attempts == 1 and comp.error == ""
-    assert fake_gemini.calls == [
-        ["--model", "gemini-test", "--output-format", "json", "--prompt", "Check this.\nText: x"]
-    ]
+    # The prompt goes on stdin: a multi-line argument would be cut and mangled by cmd.exe
+    # when the Windows gemini.CMD shim runs it.
+    assert fake_gemini.calls == [["--model", "gemini-test", "--output-format", "json"]]
+    assert fake_gemini.stdin == ["Check this.\nText: x"]
 
 
 @pytest.mark.parametrize(

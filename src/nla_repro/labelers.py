@@ -412,9 +412,17 @@ class GeminiCliBackend(RemoteBackend):
         self.exe = platform.resolve_cli("gemini")
 
     def _request(self, prompt: str, prefill: str) -> Any:
-        cmd = [self.exe, "--model", self.model, "--output-format", "json", "--prompt", prompt]
+        # The prompt goes on stdin (headless mode when stdin is not a terminal): as an argument,
+        # a multi-line prompt would be cut and its quotes mangled by cmd.exe running the
+        # Windows gemini.CMD shim.
+        cmd = [self.exe, "--model", self.model, "--output-format", "json"]
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=self.cfg.timeout_s, encoding="utf-8"
+            cmd,
+            input=prompt,
+            capture_output=True,
+            text=True,
+            timeout=self.cfg.timeout_s,
+            encoding="utf-8",
         )
         if proc.returncode != 0:
             message = (proc.stderr or proc.stdout).strip()[-500:]
