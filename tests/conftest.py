@@ -176,3 +176,19 @@ def write_corpus(root: Path, texts: list[str] = SAMPLE_TEXTS) -> Path:
     path = root / "data" / "corpus.parquet"
     write_parquet(pa.Table.from_pandas(df, preserve_index=False), path)
     return path
+
+
+def slow_stage_script(stage: str, pause_s: float = 0.5) -> str:
+    """Python source that runs one stage with a pause after each finished chunk, so a test can
+    SIGKILL it between chunks (the pause is test-side; the stage code is unchanged)."""
+    return f"""
+import sys, time
+import nla_repro.io as io
+write = io.ChunkStore.write
+def slow_write(self, index, table):
+    write(self, index, table)
+    time.sleep({pause_s})
+io.ChunkStore.write = slow_write
+from nla_repro.__main__ import main
+sys.exit(main([{stage!r}]))
+"""

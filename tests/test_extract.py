@@ -15,7 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import SAMPLE_TEXTS, TINY_MODELS, save_model_dir, tiny_llama, write_corpus
+from conftest import (
+    SAMPLE_TEXTS,
+    TINY_MODELS,
+    save_model_dir,
+    slow_stage_script,
+    tiny_llama,
+    write_corpus,
+)
 
 from nla_repro import config as C
 from nla_repro.__main__ import main
@@ -277,17 +284,7 @@ def test_validate_command_checks_any_stage_file(in_tmp, capsys):
     assert "no schema for this file" in capsys.readouterr().err
 
 
-SLOW_EXTRACT = """
-import sys, time
-import nla_repro.io as io
-write = io.ChunkStore.write
-def slow_write(self, index, table):
-    write(self, index, table)
-    time.sleep(0.4)  # leave the killer a window between chunks
-io.ChunkStore.write = slow_write
-from nla_repro.__main__ import main
-sys.exit(main(["extract"]))
-"""
+SLOW_EXTRACT = slow_stage_script("extract", pause_s=0.4)
 
 MANY_TEXTS = [
     f"Document number {i} talks about {w} and more."

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import save_model_dir, tiny_llama, write_corpus
+from conftest import save_model_dir, slow_stage_script, tiny_llama, write_corpus
 
 from nla_repro import config as C
 from nla_repro.__main__ import main
@@ -132,17 +132,7 @@ def test_max_rows_budget_stops_cleanly(in_tmp):
     assert summary["n_selected"] == len(pd.read_parquet(C.CORPUS_PATH))
 
 
-SLOW_LABEL = """
-import sys, time
-import nla_repro.io as io
-write = io.ChunkStore.write
-def slow_write(self, index, table):
-    write(self, index, table)
-    time.sleep(0.5)  # leave the killer a window between chunks
-io.ChunkStore.write = slow_write
-from nla_repro.__main__ import main
-sys.exit(main(["label"]))
-"""
+SLOW_LABEL = slow_stage_script("label", pause_s=0.5)
 
 MANY = [
     f"Document {i} is about {w} and what happened next." for i, w in enumerate("abcdefghijklmnop")
