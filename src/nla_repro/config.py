@@ -36,6 +36,10 @@ LABELS_PATH = Path("data/labels.parquet")
 # Persisted DVC output: DVC keeps it between runs, so a relaunch skips finished chunks.
 LABEL_CHUNKS_DIR = Path("data/label_chunks")
 LABEL_METRICS_PATH = Path("metrics/label.json")
+# NLA training outputs: persisted DVC outputs, so checkpoints survive a relaunch.
+AV_DIR = Path("models/av")
+AR_DIR = Path("models/ar")
+SFT_METRICS = {"av": Path("metrics/sft_av.json"), "ar": Path("metrics/sft_ar.json")}
 # Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not
 # a DVC output (DVC deletes outputs before a stage runs), and it is git- and dvc-ignored.
 WORK_DIR = Path(".nla_work")
@@ -243,6 +247,127 @@ class LabelConfig:
             raise ConfigError(f"{where}: retries, budgets and waits must be >= 0")
 
 
+# LoRA targets. Default: attention and MLP projections of the decoder blocks (Llama and Gemma
+# names). The Gemma-4 recipe narrows them to `model.language_model.layers` so the audio and
+# vision towers stay untouched.
+ATTN_MLP_TARGETS = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and checkpointing knobs shared by the AV and AR trainers."""
+
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 32.0
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: str = ATTN_MLP_TARGETS
+    """Regex (full match on module names) of the linear layers that get LoRA adapters."""
+    unfreeze_norms: bool = False
+    """Also train the RMSNorm weights of the decoder (saved with the adapter)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    lr_schedule: Literal["constant", "linear", "cosine", "step"] = "cosine"
+    """After warmup: constant; linear or cosine decay to min_lr; step: lr until step_at, then
+    min_lr (the recipe's "1e-4 then 3e-5")."""
+    min_lr: float = 2e-5
+    """Final learning rate of linear/cosine, the second learning rate of step."""
+    step_at: int = 0
+    """Step where the step schedule drops to min_lr (0: half of max_steps)."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """adamw8bit uses bitsandbytes where it supports the device, else AdamW (logged)."""
+    micro_batch: int = 8
+    """Rows per forward/backward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 150
+    """Optimizer steps."""
+    save_interval: int = 50
+    """A checkpoint every this many steps (and at max_steps)."""
+    release_step: int = 0
+    """Checkpoint copied to the top of the output folder as the released weights
+    (0: max_steps). Must be a checkpoint step."""
+    eval_interval: int = 25
+    """Validation every this many steps (and at step 0 and max_steps)."""
+    val_rows: int = 64
+    """Validation rows used (first rows of the val split; 0: all)."""
+    max_length: int = 192
+    """Token cap of one training sequence."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (memory for time)."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+
+    def validate(self, where: str) -> None:
+        for name in ("lora_r", "lora_alpha", "lr", "micro_batch", "grad_accum", "max_steps"):
+            _positive(self, name, where)
+        for name in ("save_interval", "eval_interval", "max_length"):
+            _positive(self, name, where)
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"{where}.lora_dropout: must be in [0, 1)")
+        if min(self.min_lr, self.step_at, self.warmup_steps, self.weight_decay) < 0:
+            raise ConfigError(f"{where}: min_lr, step_at, warmup_steps, weight_decay must be >= 0")
+        if self.max_grad_norm < 0 or self.val_rows < 0:
+            raise ConfigError(f"{where}: max_grad_norm and val_rows must be >= 0")
+        try:
+            re.compile(self.target_modules)
+        except re.error as err:
+            raise ConfigError(f"{where}.target_modules: not a regex: {err}") from None
+        step = self.release_step or self.max_steps
+        if step > self.max_steps or (step % self.save_interval and step != self.max_steps):
+            raise ConfigError(
+                f"{where}.release_step={step}: must be a checkpoint step (a multiple of "
+                f"save_interval={self.save_interval}, or max_steps={self.max_steps})"
+            )
+
+    @property
+    def released_step(self) -> int:
+        return self.release_step or self.max_steps
+
+
+@dataclass(frozen=True)
+class AVConfig(TrainConfig):
+    kind: Literal["injection", "prefix"] = "injection"
+    """injection: base + LoRA, the vector replaces a marker token's embedding; prefix: frozen
+    base, the vector through a trainable projection followed by learned prefix embeddings."""
+    injection_scale: float | Literal["embed_norm"] | None = None
+    """Injected embedding is v * scale / ||v||: a number, embed_norm (mean row norm of the
+    embedding output), or null for the raw vector (the first lever against an AV that
+    ignores the vector, see DESIGN.md)."""
+    n_prefix: int = 4
+    """Learned prefix embeddings after the projected vector (kind prefix)."""
+    prompt: str = "av.v1"
+    """Versioned AV prompt in nla_repro/prompts/ (holds the marker slot)."""
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        scale = self.injection_scale
+        if isinstance(scale, int | float) and not isinstance(scale, bool) and scale <= 0:
+            raise ConfigError(f"{where}.injection_scale: must be > 0, embed_norm or null")
+        _positive(self, "n_prefix", where)
+
+
+@dataclass(frozen=True)
+class ARConfig(TrainConfig):
+    num_layers: int | None = None
+    """Decoder blocks kept (null: extract.layer + 1, so the read-out sits at layer L)."""
+    prompt: str = "ar.v1"
+    """Versioned AR template in nla_repro/prompts/."""
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.num_layers is not None and self.num_layers <= 0:
+            raise ConfigError(f"{where}.num_layers: must be > 0 or null")
+
+
 @dataclass(frozen=True)
 class Params:
     profile: str = "default"
@@ -255,6 +380,23 @@ class Params:
     """Activation extraction stage."""
     label: LabelConfig = field(default_factory=LabelConfig)
     """Label stage (explanations, the NLA training targets)."""
+    av: AVConfig = field(default_factory=AVConfig)
+    """Activation verbalizer training (sft_av stage)."""
+    ar: ARConfig = field(default_factory=ARConfig)
+    """Activation reconstructor training (sft_ar stage)."""
+
+    def __post_init__(self) -> None:
+        n = self.ar.num_layers
+        if n is not None and n < self.extract.layer + 1:
+            raise ConfigError(
+                f"ar.num_layers={n}: the AR must keep blocks 0..extract.layer "
+                f"({self.extract.layer + 1} blocks) to read layer {self.extract.layer}"
+            )
+
+    @property
+    def ar_layers(self) -> int:
+        """Decoder blocks the AR keeps."""
+        return self.ar.num_layers or self.extract.layer + 1
 
 
 def _positive(obj: Any, name: str, where: str) -> None:

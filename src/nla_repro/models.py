@@ -37,6 +37,8 @@ FALLBACK_DECODER_PATHS = ("model.language_model", "model", "language_model.model
 class Arch:
     """The parts of a decoder-only LM that the NLA code touches."""
 
+    decoder: nn.Module
+    """The text decoder (embeddings, blocks, final norm; no LM head)."""
     layers: nn.ModuleList
     """Decoder blocks, in order."""
     embed: nn.Module
@@ -74,12 +76,38 @@ def adapt(model: nn.Module) -> Arch:
         raise ConfigError(f"architecture {name}: no decoder block list found")
     text_config = model.config.get_text_config()
     return Arch(
+        decoder=decoder,
         layers=decoder.layers,
         embed=decoder.embed_tokens,
         final_norm=decoder.norm,
         d_model=int(text_config.hidden_size),
         n_layers=len(decoder.layers),
     )
+
+
+def truncate(model: nn.Module, num_layers: int) -> Arch:
+    """Keep decoder blocks 0..num_layers-1 and make the final norm the identity, in place, so
+    the decoder's output is block num_layers-1's residual stream (= HF
+    hidden_states[num_layers])."""
+    arch = adapt(model)
+    if not 0 < num_layers <= arch.n_layers:
+        raise ConfigError(f"cannot keep {num_layers} blocks of a {arch.n_layers}-block model")
+    arch.decoder.layers = nn.ModuleList(list(arch.layers)[:num_layers])
+    arch.decoder.norm = nn.Identity()
+    return adapt(model)
+
+
+def norm_module_names(model: nn.Module) -> list[str]:
+    """Full names of the decoder's RMSNorm modules that hold weights (what unfreeze_norms
+    trains), as named from the top-level model."""
+    model = unwrap(model)
+    decoder = adapt(model).decoder
+    prefix = next(name for name, mod in model.named_modules() if mod is decoder)
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for name, mod in decoder.named_modules()
+        if type(mod).__name__.endswith("RMSNorm") and any(True for _ in mod.parameters())
+    ]
 
 
 class _StopForward(Exception):

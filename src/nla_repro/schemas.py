@@ -120,6 +120,22 @@ def activations_schema(d_model: int) -> pa.DataFrameSchema:
     )
 
 
+def pairs_schema(d_model: int) -> pa.DataFrameSchema:
+    """NLA training pairs: an explanation (the AV's target, the AR's input) and the vector
+    (the AV's input, the AR's target), one row per labeled document."""
+    return pa.DataFrameSchema(
+        {
+            "doc_id": pa.Column(str, pa.Check(_nonblank, error="doc_id is empty"), unique=True),
+            "split": pa.Column(str, pa.Check.isin(SPLITS)),
+            "position": pa.Column("int32", pa.Check.ge(0)),
+            "explanation": pa.Column(str, pa.Check(_nonblank, error="explanation is empty")),
+            "vector": pa.Column(object, _vector_checks(d_model)),
+        },
+        name="nla_pairs",
+        strict=True,
+    )
+
+
 def schema_for(path: Path | str, d_model: int | None = None) -> pa.DataFrameSchema:
     """The schema of a stage parquet, chosen by its file name."""
     name = Path(path).name

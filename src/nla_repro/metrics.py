@@ -1,0 +1,28 @@
+"""Metric functions on vectors (DESIGN.md "Metrics"): the one place for normalization.
+
+`norm(v) = v * sqrt(d) / ||v||` in fp32; `mse_nrm(a, b) = mean((norm(a) - norm(b))**2) =
+2 * (1 - cos(a, b))`, range [0, 4], 2 for orthogonal vectors (the random baseline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+RANDOM_MSE_NRM = 2.0
+
+
+def normalize(v_ND: torch.Tensor) -> torch.Tensor:
+    v_ND = v_ND.float()
+    return v_ND * math.sqrt(v_ND.shape[-1]) / v_ND.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def mse_nrm_rows(a_ND: torch.Tensor, b_ND: torch.Tensor) -> torch.Tensor:
+    """mse_nrm of each row pair: (N,)."""
+    return (normalize(a_ND) - normalize(b_ND)).pow(2).mean(dim=-1)
+
+
+def mse_nrm(a_ND: torch.Tensor, b_ND: torch.Tensor) -> torch.Tensor:
+    """Mean mse_nrm over rows (a scalar the AR trains on)."""
+    return mse_nrm_rows(a_ND, b_ND).mean()

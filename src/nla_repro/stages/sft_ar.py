@@ -1,0 +1,37 @@
+"""sft_ar stage: train the activation reconstructor -> models/ar/, metrics/sft_ar.json.
+
+Blocks 0..L of the base (+ LoRA, final norm = identity) read the AR template around an
+explanation; an identity-initialized Linear(d, d) head on the last token predicts the vector;
+loss mse_nrm. Checkpoints under models/ar/checkpoints/; a relaunch resumes.
+"""
+
+from __future__ import annotations
+
+from nla_repro import config as C
+from nla_repro.models import load_base, read_base_meta
+from nla_repro.nla import build_ar
+from nla_repro.templates import load_template
+from nla_repro.trainer import stage_run, train
+
+
+def run(params: C.Params) -> dict:
+    cfg, base = params.ar, params.base
+    meta = read_base_meta(C.BASE_DIR)
+    num_layers = params.ar_layers
+    if num_layers > meta["n_layers"]:
+        raise C.ConfigError(
+            f"ar.num_layers={num_layers}: {meta['source']['name']} has {meta['n_layers']} blocks"
+        )
+    model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    template = load_template(cfg.prompt)
+    ar = build_ar(model, tokenizer, template, cfg, num_layers)
+    extra = {
+        "ar_num_layers": num_layers,
+        "templates": {
+            "ar": {"version": template.version, "sha256": template.sha256, "text": template.prompt}
+        },
+    }
+    run_, pairs = stage_run(params, "ar", C.AR_DIR, extra)
+    return train(ar, *pairs["train"], *pairs["val"], cfg, run_)
