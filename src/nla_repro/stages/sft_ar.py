@@ -7,6 +7,8 @@ loss mse_nrm. Checkpoints under models/ar/checkpoints/; a relaunch resumes.
 
 from __future__ import annotations
 
+import torch
+
 from nla_repro import config as C
 from nla_repro.models import load_base, read_base_meta
 from nla_repro.nla import build_ar
@@ -26,6 +28,7 @@ def run(params: C.Params) -> dict:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     template = load_template(cfg.prompt)
+    torch.manual_seed(cfg.seed)  # LoRA, head and prefix initialisation
     ar = build_ar(model, tokenizer, template, cfg, num_layers)
     extra = {
         "ar_num_layers": num_layers,

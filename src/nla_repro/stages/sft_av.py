@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from nla_repro import config as C
 from nla_repro.models import adapt, load_base, read_base_meta
 from nla_repro.nla import (
@@ -49,6 +51,7 @@ def run(params: C.Params) -> dict:
     cfg, base = params.av, params.base
     read_base_meta(C.BASE_DIR)
     model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
+    torch.manual_seed(cfg.seed)  # LoRA, head and prefix initialisation
     av = build_av(params, model, tokenizer)
     template = load_template(cfg.prompt)
     extra = {
