@@ -7,8 +7,8 @@ import pandas as pd
 import peft
 import pytest
 import torch
-
 from conftest import TINY_MODELS, tiny_llama, tiny_tokenizer
+
 from nla_repro import config as C
 from nla_repro.errors import DataValidationError
 from nla_repro.metrics import mse_nrm
@@ -108,7 +108,7 @@ def test_hook_raises_on_missing_or_duplicated_marker_and_passes_decode_steps():
     with pytest.raises(InjectionError, match="2 marker"):
         embed(torch.tensor([[5, m, 7, m]]))
     av.injector.arm(vectors(2, 32))
-    with pytest.raises(InjectionError, match="2 rows|1 rows"):
+    with pytest.raises(InjectionError, match=r"2 rows|1 rows"):
         embed(prompt)
     av.injector.arm(None)
     with pytest.raises(InjectionError, match="no vector is armed"):
@@ -176,9 +176,7 @@ def test_ar_with_identity_head_equals_the_base_hidden_state_at_layer_l(name):
 
 def test_ar_template_keeps_its_tail_when_the_explanation_is_cut():
     tok = tiny_tokenizer()
-    ar = build_ar(
-        tiny_llama(), tok, load_template("ar.v1"), C.ARConfig(lora_r=2, max_length=24), 3
-    )
+    ar = build_ar(tiny_llama(), tok, load_template("ar.v1"), C.ARConfig(lora_r=2, max_length=24), 3)
     full = tok(load_template("ar.v1").render(explanation="x"))["input_ids"]
     (ids,) = ar.encode(["the quick brown fox " * 20])
     assert len(ids) == 24 and ids[-3:] == full[-3:] and ids[0] == full[0]

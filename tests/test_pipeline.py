@@ -48,7 +48,8 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
 
     first = run(["dvc", "repro"], repo)
     ran = stages_run(first)
-    assert ran[:2] == ["base", "corpus"] and sorted(ran[2:]) == ["extract", "label"]
+    assert ran[:2] == ["base", "corpus"] and sorted(ran[2:4]) == ["extract", "label"]
+    assert sorted(ran[4:]) == ["sft_ar", "sft_av"]
     corpus = read_parquet(repo / C.CORPUS_PATH, CORPUS)
     acts = read_parquet(repo / C.ACTIVATIONS_PATH, activations_schema(576))
     assert len(acts) == len(corpus) >= 20  # one last-token vector per document
@@ -59,13 +60,29 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     # The residual stream of this model has a large shared direction (DESIGN.md: norm ~238).
     assert 150 < meta["mean_norm"] < 350
     labels = read_parquet(repo / C.LABELS_PATH, LABELS)
-    assert len(labels) == 16 and labels["doc_id"].isin(corpus["doc_id"]).all()  # max_rows
+    assert labels["doc_id"].tolist() == corpus["doc_id"].tolist()
     summary = json.loads((repo / C.LABEL_METRICS_PATH).read_text())
-    assert summary["stopped_by"] == "max_rows" and summary["backend"] == "local"
-    assert summary["accepted"] + summary["corrected"] + summary["rejected"] == 16
+    assert summary["stopped_by"] == "complete" and summary["backend"] == "local"
+    assert summary["accepted"] + summary["corrected"] + summary["rejected"] == len(corpus)
     assert (repo / C.LABEL_CHUNKS_DIR).is_dir()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"base", "corpus", "label", "extract"}
+    assert set(lock["stages"]) == {"base", "corpus", "label", "extract", "sft_av", "sft_ar"}
+    for name, out in (("av", C.AV_DIR), ("ar", C.AR_DIR)):
+        sidecar = yaml.safe_load((repo / out / "nla_meta.yaml").read_text())
+        assert sidecar["step"] == 4 and sidecar["layer"] == 20
+        assert sorted(p.name for p in (repo / out / "checkpoints").iterdir()) == [
+            "step_2",
+            "step_4",
+        ]
+        assert json.loads((repo / C.SFT_METRICS[name]).read_text())["released_step"] == 4
+    assert (repo / C.AV_DIR / "adapter_model.safetensors").exists()
+    assert (repo / C.AR_DIR / "head.safetensors").exists()
+    # Validation ran from step 0 on, with the vector-use gap, and `dvc plots` reads the curves.
+    av_val = pd.read_csv(repo / C.AV_DIR / "val_curve.csv")
+    assert av_val["step"].tolist() == [0, 2, 4] and av_val["vector_use_gap"].notna().all()
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], repo))["data"]
+    for name in ("av/train_curve", "av/val_curve", "ar/train_curve", "ar/val_curve"):
+        assert plots[f"models/{name}.csv"], name
 
     second = run(["dvc", "repro"], repo)
     assert stages_run(second) == []
@@ -75,7 +92,13 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = pd.read_parquet(repo / C.CORPUS_PATH)
     third = run(["dvc", "repro"], repo)
-    assert stages_run(third) == ["extract"]
+    assert stages_run(third)[0] == "extract" and sorted(stages_run(third)[1:]) == [
+        "sft_ar",
+        "sft_av",
+    ]
     assert yaml.safe_load((repo / C.ACTIVATIONS_META).read_text())["layer"] == 12
+    # The persisted checkpoints of layer 20 were discarded, not resumed.
+    ar_meta = yaml.safe_load((repo / C.AR_DIR / "checkpoints/step_2/nla_meta.yaml").read_text())
+    assert (ar_meta["layer"], ar_meta["ar_num_layers"]) == (12, 13)
     assert pd.read_parquet(repo / C.CORPUS_PATH).equals(before)
     assert run(["dvc", "status"], repo).strip().endswith("Data and pipelines are up to date.")

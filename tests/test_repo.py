@@ -64,8 +64,20 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
         C.POOL_STATS_PATH,
         C.LABELS_PATH,
         C.LABEL_CHUNKS_DIR,
+        C.AV_DIR,
+        C.AR_DIR,
     }
     assert outs == {str(p) for p in expected}
+    metrics = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
+    assert metrics == {str(C.LABEL_METRICS_PATH), *(str(p) for p in C.SFT_METRICS.values())}
+
+
+def test_dvc_plots_name_the_curves_the_trainer_writes():
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    files = {next(iter(p)) for p in plots}
+    assert files == {
+        f"{d}/{curve}.csv" for d in (C.AV_DIR, C.AR_DIR) for curve in ("train_curve", "val_curve")
+    }
 
 
 def test_dvc_params_keys_exist_in_params():

@@ -18,9 +18,9 @@ import peft
 import pytest
 import torch
 import yaml
+from conftest import save_model_dir, tiny_llama, write_corpus
 from safetensors.torch import load_file
 
-from conftest import save_model_dir, tiny_llama, write_corpus
 from nla_repro import config as C
 from nla_repro import trainer
 from nla_repro.__main__ import main
@@ -335,7 +335,7 @@ def test_no_training_rows_is_a_clear_error(repo, capsys):
 
 
 def test_release_step_must_be_a_checkpoint():
-    with pytest.raises(C.ConfigError, match="av.release_step=5"):
+    with pytest.raises(C.ConfigError, match=r"av\.release_step=5"):
         C.params_from_dict({"av": {"max_steps": 10, "save_interval": 4, "release_step": 5}})
-    with pytest.raises(C.ConfigError, match="ar.num_layers=2"):
+    with pytest.raises(C.ConfigError, match=r"ar\.num_layers=2"):
         C.params_from_dict({"extract": {"layer": 4}, "ar": {"num_layers": 2}})

@@ -247,6 +247,8 @@ class VerbalizerBase(nn.Module):
 
     tokenizer = None
     max_length: int = 0
+    read_tokens: int = 0
+    """Non-pad tokens of the last forward (prompt + response): the throughput unit."""
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
@@ -262,9 +264,25 @@ class VerbalizerBase(nn.Module):
         """Summed NLL of each row's response and its token count: (B,), (B,)."""
         raise NotImplementedError
 
+    def _score(self, logits_BTV, labels_BT, mask_BT) -> tuple[torch.Tensor, torch.Tensor]:
+        self.read_tokens = int(mask_BT.sum())
+        logp = token_logprobs(logits_BTV, labels_BT)
+        return -logp.sum(dim=1), (labels_BT[:, 1:] != IGNORE).sum(dim=1)
+
+    def _generate(self, max_new_tokens: int, temperature: float, **inputs) -> torch.Tensor:
+        return self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+        )
+
     def forward(self, texts: list[str], vectors_BD: torch.Tensor) -> dict:
         nll, n = self.row_nll(texts, vectors_BD)
-        return {"loss": nll.sum() / n.sum().clamp_min(1), "tokens": int(n.sum())}
+        return {"loss": nll.sum() / n.sum().clamp_min(1), "tokens": self.read_tokens}
 
     @torch.no_grad()
     def mean_loss(self, texts: list[str], vectors_ND: torch.Tensor, batch: int) -> float:
@@ -324,8 +342,7 @@ class ActivationVerbalizer(VerbalizerBase):
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         finally:
             self.injector.arm(None)
-        logp = token_logprobs(logits, labels)
-        return -logp.sum(dim=1), (labels[:, 1:] != IGNORE).sum(dim=1)
+        return self._score(logits, labels, mask)
 
     @torch.no_grad()
     def generate(
@@ -336,15 +353,8 @@ class ActivationVerbalizer(VerbalizerBase):
         ids = torch.tensor([self.prompt_ids] * n, device=self._device())
         self.injector.arm(injection_vectors(vectors_ND, self.scale))
         try:
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=self.tokenizer.pad_token_id or 0,
+            out = self._generate(
+                max_new_tokens, temperature, input_ids=ids, attention_mask=torch.ones_like(ids)
             )
         finally:
             self.injector.arm(None)
@@ -422,24 +432,15 @@ class PrefixVerbalizer(VerbalizerBase):
             [torch.full(soft.shape[:2], IGNORE, device=soft.device, dtype=labels.dtype), labels], 1
         )
         logits = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).logits
-        logp = token_logprobs(logits, full_labels)
-        return -logp.sum(dim=1), (full_labels[:, 1:] != IGNORE).sum(dim=1)
+        return self._score(logits, full_labels, full_mask)
 
     @torch.no_grad()
     def generate(
         self, vectors_ND: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0
     ) -> list[str]:
         soft = self._soft_prompt(vectors_ND)
-        out = self.model.generate(
-            inputs_embeds=soft,
-            attention_mask=torch.ones(soft.shape[:2], device=soft.device, dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id or 0,
-        )
+        mask = torch.ones(soft.shape[:2], device=soft.device, dtype=torch.long)
+        out = self._generate(max_new_tokens, temperature, inputs_embeds=soft, attention_mask=mask)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     def save(self, directory: Path) -> None:
@@ -476,7 +477,7 @@ class ActivationReconstructor(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, template: PromptTemplate, max_length: int):
         super().__init__()
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.max_length = max_length
+        self.max_length, self.read_tokens = max_length, 0
         arch = adapt(model)
         if not isinstance(arch.final_norm, nn.Identity):
             raise ConfigError("ActivationReconstructor needs a truncated base (models.truncate)")
@@ -508,11 +509,12 @@ class ActivationReconstructor(nn.Module):
         hidden = adapt(self.model).decoder(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden_BTD = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
         last = mask.sum(dim=1) - 1
+        self.read_tokens = int(mask.sum())
         return self.head(hidden_BTD[torch.arange(len(seqs)), last].float())
 
     def forward(self, texts: list[str], vectors_BD: torch.Tensor) -> dict:
         pred = self.predict(texts)
-        return {"loss": mse_nrm(pred, vectors_BD.to(pred.device)), "tokens": len(texts)}
+        return {"loss": mse_nrm(pred, vectors_BD.to(pred.device)), "tokens": self.read_tokens}
 
     @torch.no_grad()
     def mean_mse(self, texts: list[str], vectors_ND: torch.Tensor, batch: int) -> float:

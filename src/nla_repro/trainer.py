@@ -1,10 +1,10 @@
 """One training loop for the AV and the AR: accelerate, checkpoints, resume, validation, curves.
 
 The loop is a plain function (nanoGPT style). The model is any module whose
-`forward(texts, vectors)` returns {"loss", "tokens"} and that has `validation`, `save`, `load`
-and `describe`. Data order is a pure function of (seed, micro-step), so a run resumed from a
-checkpoint (weights, optimizer, scheduler, RNG state) ends with the same weights as an
-uninterrupted one.
+`forward(texts, vectors)` returns {"loss", "tokens" (tokens read)} and that has `validation`,
+`save`, `load` and `describe`. Data order is a pure function of (seed, micro-step), so a run
+resumed from a checkpoint (weights, optimizer, scheduler, RNG state) ends with the same weights
+as an uninterrupted one.
 """
 
 from __future__ import annotations
