@@ -25,7 +25,7 @@ from nla_repro import config as C
 from nla_repro import trainer
 from nla_repro.__main__ import main
 from nla_repro.models import load_base
-from nla_repro.nla import ActivationVerbalizer, lora
+from nla_repro.nla import ActivationVerbalizer, load_ar, load_av, lora
 from nla_repro.stages import extract, label
 from nla_repro.templates import load_template
 
@@ -160,6 +160,31 @@ def test_prefix_av_stage_saves_projection_and_prefix(repo):
     assert tensors["prefix"].shape == (3, 32) and tensors["proj.weight"].shape == (32, 32)
     assert not (C.AV_DIR / "adapter_model.safetensors").exists()
     assert yaml.safe_load((C.AV_DIR / "nla_meta.yaml").read_text())["av"]["kind"] == "prefix"
+
+
+@pytest.mark.parametrize("kind", ["injection", "prefix"])
+def test_released_folders_load_back_and_reproduce_the_last_validation(repo, kind):
+    params = sft_params(av={"kind": kind})
+    assert run_stage("sft_av", params) == 0 and run_stage("sft_ar", params) == 0
+    _, pairs = trainer.stage_run(params, "av", C.AV_DIR, {})
+    texts, vectors = pairs["val"]
+    av_last = pd.read_csv(C.AV_DIR / "val_curve.csv").iloc[-1]
+    ar_last = pd.read_csv(C.AR_DIR / "val_curve.csv").iloc[-1]
+    av = load_av(C.AV_DIR, C.BASE_DIR, device="cpu")
+    ar = load_ar(C.AR_DIR, C.BASE_DIR, device="cpu")
+    assert av.kind == kind and not av.training
+    assert av.validation(texts, vectors, 2)["val_loss"] == pytest.approx(av_last["val_loss"], 1e-5)
+    assert ar.validation(texts, vectors, 2)["val_mse"] == pytest.approx(ar_last["val_mse"], 1e-5)
+    assert len(av.generate(vectors[:2], max_new_tokens=4)) == 2
+
+
+def test_loading_refuses_a_changed_prompt(repo, monkeypatch):
+    assert run_stage("sft_ar", sft_params()) == 0
+    meta = yaml.safe_load((C.AR_DIR / "nla_meta.yaml").read_text())
+    meta["templates"]["ar"]["sha256"] = "0" * 64
+    (C.AR_DIR / "nla_meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(C.ConfigError, match=r"prompt ar\.v1 changed"):
+        load_ar(C.AR_DIR, C.BASE_DIR, device="cpu")
 
 
 @pytest.mark.parametrize(("stage", "out"), [("sft_av", C.AV_DIR), ("sft_ar", C.AR_DIR)])
@@ -339,3 +364,33 @@ def test_release_step_must_be_a_checkpoint():
         C.params_from_dict({"av": {"max_steps": 10, "save_interval": 4, "release_step": 5}})
     with pytest.raises(C.ConfigError, match=r"ar\.num_layers=2"):
         C.params_from_dict({"extract": {"layer": 4}, "ar": {"num_layers": 2}})
+
+
+class _Stub(torch.nn.Module):
+    def __init__(self, result: dict) -> None:
+        super().__init__()
+        self.result = result
+
+    def validation(self, texts, vectors, batch):
+        return dict(self.result)
+
+
+@pytest.mark.parametrize(
+    ("result", "flagged"),
+    [
+        ({"val_loss": 3.0, "val_loss_shuffled": 3.001, "vector_use_gap": 0.001}, "ignores"),
+        ({"val_loss": 2.5, "val_loss_shuffled": 2.9, "vector_use_gap": 0.4}, None),
+        ({"val_mse": 0.5, "val_mse_empty": 0.502, "content_gap": 0.002}, "content-blind"),
+        ({"val_mse": 0.5, "val_mse_empty": 0.9, "content_gap": 0.4}, None),
+    ],
+)
+def test_validation_flags_a_model_that_ignores_its_input(caplog, result, flagged):
+    stub = _Stub(result).train()
+    cfg = C.AVConfig()
+    with caplog.at_level(logging.WARNING):
+        out = trainer._validate(stub, ["x"], torch.zeros(1, 2), cfg, 10, "av")
+        trainer._validate(stub, ["x"], torch.zeros(1, 2), cfg, 0, "av")  # step 0: untrained
+    assert out == {"step": 10, **result} and stub.training
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == (1 if flagged else 0)
+    assert not flagged or (flagged in warnings[0] and "step 10" in warnings[0])

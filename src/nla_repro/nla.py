@@ -22,14 +22,15 @@ import numpy as np
 import pandas as pd
 import peft
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nla_repro.errors import ConfigError, DataValidationError, NlaError
 from nla_repro.metrics import mse_nrm, mse_nrm_rows
-from nla_repro.models import adapt, norm_module_names, truncate
+from nla_repro.models import adapt, load_base, norm_module_names, truncate
 from nla_repro.schemas import pairs_schema, validate
-from nla_repro.templates import PromptTemplate
+from nla_repro.templates import PromptTemplate, load_template
 
 log = logging.getLogger(__name__)
 
@@ -554,3 +555,64 @@ def build_ar(model: nn.Module, tokenizer, template: PromptTemplate, cfg, num_lay
     return ActivationReconstructor(
         lora(model, cfg, cfg.unfreeze_norms), tokenizer, template, cfg.max_length
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained pair (the pipeline's own, or a downloaded release folder)
+
+
+def _read_meta(path: Path) -> dict:
+    file = Path(path) / "nla_meta.yaml"
+    if not file.exists():
+        raise ConfigError(f"{file}: not found (is {path} an sft_av / sft_ar output folder?)")
+    return yaml.safe_load(file.read_text())
+
+
+def _template(meta: dict, role: str) -> PromptTemplate:
+    recorded = meta["templates"][role]
+    template = load_template(recorded["version"])
+    if template.sha256 != recorded["sha256"]:
+        raise ConfigError(
+            f"prompt {recorded['version']} changed since this {role.upper()} was trained "
+            f"(sha256 {template.sha256[:12]} vs recorded {recorded['sha256'][:12]})"
+        )
+    return template
+
+
+def load_av(path: Path | str, base_dir: Path | str, **load) -> VerbalizerBase:
+    """A trained AV from its folder (adapter or prefix weights + nla_meta.yaml), on the base
+    in `base_dir`; `load` goes to models.load_base (quantization, compute_dtype, device)."""
+    path = Path(path)
+    meta = _read_meta(path)
+    model, tokenizer = load_base(base_dir, **load)
+    params, scale = meta["params"], meta["injection_scale_resolved"]
+    if meta["av"]["kind"] == "prefix":
+        av: VerbalizerBase = PrefixVerbalizer(
+            model, tokenizer, params["n_prefix"], scale, params["max_length"]
+        )
+        av.load(path)
+    else:
+        tuned = peft.PeftModel.from_pretrained(model, path)
+        av = ActivationVerbalizer(
+            tuned, tokenizer, _template(meta, "av"), scale, params["max_length"]
+        )
+        if av.marker.token_id != meta["av"]["marker_token_id"]:
+            raise ConfigError(
+                f"{path}: marker token {av.marker.token_id} under this tokenizer, but the AV "
+                f"was trained with {meta['av']['marker_token_id']}"
+            )
+    return av.eval()
+
+
+def load_ar(path: Path | str, base_dir: Path | str, **load) -> ActivationReconstructor:
+    """A trained AR from its folder (adapter + head.safetensors + nla_meta.yaml)."""
+    path = Path(path)
+    meta = _read_meta(path)
+    model, tokenizer = load_base(base_dir, **load)
+    truncate(model, meta["ar_num_layers"])
+    tuned = peft.PeftModel.from_pretrained(model, path)
+    ar = ActivationReconstructor(
+        tuned, tokenizer, _template(meta, "ar"), meta["params"]["max_length"]
+    )
+    ar.head.load_state_dict(load_file(path / HEAD_FILE))
+    return ar.eval()

@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILES = ("optimizer.pt", "trainer_state.pt")
-# Validation vector-use gaps below this (nats) mean the AV reads (almost) nothing from the vector.
-MIN_VECTOR_USE_GAP = 0.02
+# Validation gaps below these mean a model ignores its input (DESIGN.md "Known failure modes"):
+# the AV's vector-use gap in nats (true vs shuffled vectors), the AR's content gap in mse_nrm
+# (true explanation vs empty string).
+MIN_GAPS = {
+    "vector_use_gap": (0.02, "the AV ignores the injected vector (expect template collapse)"),
+    "content_gap": (0.01, "the AR is content-blind (it scores an empty string as well)"),
+}
 
 
 @dataclass
@@ -141,16 +146,10 @@ def _validate(model, texts, vectors, cfg: C.TrainConfig, step: int, name: str) -
     model.train(was_training)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step")
     tqdm.write(f"{name} step {step}: {shown}")
-    gap = result.get("vector_use_gap")
-    if gap is not None and step > 0 and gap < MIN_VECTOR_USE_GAP:
-        log.warning(
-            "%s step %d: vector-use gap %.4f nats < %.2f: the AV ignores the injected vector "
-            "(expect template collapse); see DESIGN.md on the injection scale",
-            name,
-            step,
-            gap,
-            MIN_VECTOR_USE_GAP,
-        )
+    for key, (floor, meaning) in MIN_GAPS.items():
+        if step > 0 and key in result and result[key] < floor:
+            value = result[key]
+            log.warning("%s step %d: %s %.4f < %s: %s", name, step, key, value, floor, meaning)
     return result
 
 

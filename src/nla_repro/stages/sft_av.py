@@ -58,7 +58,9 @@ def run(params: C.Params) -> dict:
         "av": av.describe(),
         "injection_scale": cfg.injection_scale,
         "injection_scale_resolved": av.scale,
-        "templates": {"av": {"version": template.version, "sha256": template.sha256}},
+        "templates": {
+            "av": {"version": template.version, "sha256": template.sha256, "text": template.prompt}
+        },
     }
     run_, pairs = stage_run(params, "av", C.AV_DIR, extra)
     return train(av, *pairs["train"], *pairs["val"], cfg, run_)
