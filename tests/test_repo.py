@@ -117,3 +117,13 @@ def test_test_task_passes_filters():
     ctx = MockContext(run={"python3 -m pytest -k 'config' -m 'not slow'": Result()})
     tasks.test(ctx, k="config", fast=True)  # MockContext raises on any other command
     assert ctx.run.call_count == 1
+
+
+def test_sft_code_deps_in_dvc_yaml_are_the_files_the_checkpoint_fingerprint_hashes():
+    from nla_repro import trainer
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("av", "ar"):
+        deps = {d for d in stages[f"sft_{name}"]["deps"] if d.startswith("src/")}
+        hashed = {str(p.relative_to(ROOT)) for p in trainer.code_files(name)}
+        assert deps == hashed, name

@@ -104,6 +104,7 @@ def test_sft_av_writes_checkpoints_release_curves_and_a_peft_adapter(repo):
     assert run_stage("sft_av", sft_params()) == 0
     ckpts = sorted(p.name for p in (C.AV_DIR / "checkpoints").iterdir())
     assert ckpts == ["step_2", "step_4", "step_6"]
+    assert not (C.AV_DIR / "README.md").exists()  # PEFT's placeholder card is not shipped
     # Only the newest checkpoint keeps the optimizer state.
     assert [p.name for p in (C.AV_DIR / "checkpoints").glob("*/optimizer.pt")] == ["optimizer.pt"]
     assert (C.AV_DIR / "checkpoints/step_6/optimizer.pt").exists()
@@ -219,6 +220,20 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(repo, stage, out):
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == full
     train = pd.read_csv(out / "train_curve.csv")
     assert train["step"].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_changed_training_code_discards_stale_checkpoints(repo, monkeypatch):
+    code = repo / "fake_module.py"
+    code.write_text("x = 1\n")
+    monkeypatch.setattr(trainer, "code_files", lambda name: [code])
+    monkeypatch.setattr(trainer, "PACKAGE", repo / "pkg")
+    assert run_stage("sft_ar", sft_params()) == 0
+    before = yaml.safe_load((C.AR_DIR / "checkpoints/step_2/nla_meta.yaml").read_text())
+    code.write_text("x = 2\n")
+    assert run_stage("sft_ar", sft_params()) == 0
+    after = yaml.safe_load((C.AR_DIR / "checkpoints/step_2/nla_meta.yaml").read_text())
+    assert after["fingerprint"] != before["fingerprint"]
+    assert after["code_sha256"] != before["code_sha256"]
 
 
 def test_changed_params_discard_stale_checkpoints(repo):

@@ -210,6 +210,13 @@ def lora(model: nn.Module, cfg, unfreeze_norms: bool) -> peft.PeftModel:
         raise ConfigError(f"LoRA target_modules {cfg.target_modules!r}: {err}") from None
 
 
+def save_adapter(model: peft.PeftModel, directory: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors. PEFT also writes a README.md full of
+    "[More Information Needed]"; the card stage writes the real card, so it is dropped."""
+    model.save_pretrained(directory, safe_serialization=True)
+    (Path(directory) / "README.md").unlink(missing_ok=True)
+
+
 def token_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     """Log-prob of each next token where labels are set (0 elsewhere): (B, T-1)."""
     logits = logits_BTV[:, :-1].float()
@@ -362,7 +369,7 @@ class ActivationVerbalizer(VerbalizerBase):
         return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
     def save(self, directory: Path) -> None:
-        self.model.save_pretrained(directory, safe_serialization=True)
+        save_adapter(self.model, directory)
 
     def load(self, directory: Path) -> None:
         peft.set_peft_model_state_dict(
@@ -534,7 +541,7 @@ class ActivationReconstructor(nn.Module):
         return {"val_mse": true, "val_mse_empty": empty, "content_gap": empty - true}
 
     def save(self, directory: Path) -> None:
-        self.model.save_pretrained(directory, safe_serialization=True)
+        save_adapter(self.model, directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         save_file(state, Path(directory) / HEAD_FILE)
 

@@ -316,6 +316,20 @@ def publish(
     return metrics
 
 
+PACKAGE = Path(__file__).resolve().parent
+
+
+def code_files(name: str) -> list[Path]:
+    """The modules an sft stage's weights depend on (its dvc.yaml code deps)."""
+    prompt = {"av": "av.v1.yaml", "ar": "ar.v1.yaml"}[name]
+    modules = ("nla.py", "trainer.py", "models.py", "metrics.py", "templates.py", "schemas.py")
+    return [
+        PACKAGE / f"stages/sft_{name}.py",
+        *(PACKAGE / m for m in modules),
+        PACKAGE / "prompts" / prompt,
+    ]
+
+
 def stage_run(params: C.Params, name: str, out_dir: Path, extra: dict) -> tuple[Run, dict]:
     """The Run of an sft stage and its inputs: training pairs by split, and the sidecar
     fields shared by AV and AR (DESIGN.md "Sidecar")."""
@@ -355,6 +369,11 @@ def stage_run(params: C.Params, name: str, out_dir: Path, extra: dict) -> tuple[
         "label_mode": params.label.mode,
         "inputs_sha256": inputs,
         "base_files_sha256": meta["files"],
+        # The training code is part of what the weights depend on: checkpoints made by other
+        # code are not resumed (DVC reruns the stage when these change, too).
+        "code_sha256": {
+            str(path.relative_to(PACKAGE.parent)): sha256_file(path) for path in code_files(name)
+        },
     }
     run = Run(
         name=name,
