@@ -14,6 +14,7 @@ same save/load/validate interface, so one trainer (trainer.py) drives them.
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,7 +251,7 @@ def shuffled(vectors_ND: torch.Tensor) -> torch.Tensor:
     return vectors_ND.roll(1, dims=0)
 
 
-class VerbalizerBase(nn.Module):
+class VerbalizerBase(nn.Module, abc.ABC):
     """What both AV kinds share: response tokenization, per-row loss, validation, generation."""
 
     tokenizer = None
@@ -266,11 +267,11 @@ class VerbalizerBase(nn.Module):
         eos = self.tokenizer.eos_token_id
         return ids + ([eos] if eos is not None else [])
 
+    @abc.abstractmethod
     def row_nll(
         self, texts: list[str], vectors_BD: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL of each row's response and its token count: (B,), (B,)."""
-        raise NotImplementedError
 
     def _score(self, logits_BTV, labels_BT, mask_BT) -> tuple[torch.Tensor, torch.Tensor]:
         self.read_tokens = int(mask_BT.sum())

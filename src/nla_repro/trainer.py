@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io as _io
 import json
 import logging
@@ -22,11 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm import tqdm
 
 from nla_repro import config as C
-from nla_repro.io import atomic_path, git_commit, write_json, write_text, write_yaml
+from nla_repro.io import (
+    atomic_path,
+    fingerprint,
+    git_commit,
+    sha256_file,
+    write_json,
+    write_text,
+    write_yaml,
+)
+from nla_repro.models import read_base_meta
+from nla_repro.nla import split_pairs, training_pairs
+from nla_repro.schemas import LABELS, activations_schema, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -333,15 +346,6 @@ def code_files(name: str) -> list[Path]:
 def stage_run(params: C.Params, name: str, out_dir: Path, extra: dict) -> tuple[Run, dict]:
     """The Run of an sft stage and its inputs: training pairs by split, and the sidecar
     fields shared by AV and AR (DESIGN.md "Sidecar")."""
-    import dataclasses
-
-    import yaml
-
-    from nla_repro.io import fingerprint, sha256_file
-    from nla_repro.models import read_base_meta
-    from nla_repro.nla import split_pairs, training_pairs
-    from nla_repro.schemas import LABELS, activations_schema, read_parquet
-
     meta = read_base_meta(C.BASE_DIR)
     acts_meta = (
         yaml.safe_load(C.ACTIVATIONS_META.read_text()) if C.ACTIVATIONS_META.exists() else {}

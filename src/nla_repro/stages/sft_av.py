@@ -13,7 +13,7 @@ import logging
 import torch
 
 from nla_repro import config as C
-from nla_repro.models import adapt, load_base, read_base_meta
+from nla_repro.models import adapt, load_base
 from nla_repro.nla import (
     ActivationVerbalizer,
     PrefixVerbalizer,
@@ -49,7 +49,6 @@ def build_av(params: C.Params, model, tokenizer):
 
 def run(params: C.Params) -> dict:
     cfg, base = params.av, params.base
-    read_base_meta(C.BASE_DIR)
     model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
     torch.manual_seed(cfg.seed)  # LoRA, head and prefix initialisation
     av = build_av(params, model, tokenizer)
