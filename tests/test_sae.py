@@ -70,3 +70,26 @@ def test_geometric_median_resists_outliers_and_lr_scales_with_width():
     assert geometric_median(x).norm() < 1.0 < x.mean(dim=0).norm()
     assert scaled_lr(2**14) == pytest.approx(2e-4)
     assert scaled_lr(4 * 2**14) == pytest.approx(1e-4)
+
+
+def test_sparse_encoder_backward_equals_dense_autograd():
+    torch.manual_seed(0)
+    sae = TopKSAE(d_model=12, d_sae=40, k=5, seed=1)
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.5, 0.5)
+        sae.b_dec.normal_()
+    x = torch.randn(9, 12)
+    weights = torch.randn(9, 12)
+
+    def dense_forward(x):
+        acts, idx = sae.pre_acts(x).topk(sae.k, dim=-1, sorted=False)
+        return sae.decode(acts, idx)
+
+    grads = []
+    for forward in (sae.forward, dense_forward):
+        sae.zero_grad()
+        (forward(x) * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-5)
+    assert (grads[0]["W_enc"].abs().sum(dim=1) > 0).sum() <= 9 * 5  # only selected latents

@@ -36,6 +36,41 @@ class SAEStats:
     """Vectors scored."""
 
 
+class _SparseTopKEncode(torch.autograd.Function):
+    """TopK(ReLU(xc W_enc^T + b_enc)) whose backward touches only the k selected latents per
+    row: the encoder's weight gradient costs B*k*d instead of a dense B*d_sae*d matmul."""
+
+    @staticmethod
+    def forward(ctx, xc_BD, w_enc_SD, b_enc_S, k: int):
+        pre_BS = torch.relu(xc_BD @ w_enc_SD.T + b_enc_S)
+        acts_BK, idx_BK = pre_BS.topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(xc_BD, w_enc_SD, acts_BK, idx_BK)
+        ctx.mark_non_differentiable(idx_BK)
+        return acts_BK, idx_BK
+
+    @staticmethod
+    def backward(ctx, grad_acts_BK, _grad_idx):
+        xc_BD, w_enc_SD, acts_BK, idx_BK = ctx.saved_tensors
+        grad_BK = grad_acts_BK * (acts_BK > 0)  # ReLU
+        n_rows, k = idx_BK.shape
+        rows = torch.arange(n_rows, device=idx_BK.device).repeat_interleave(k)
+        # (B, S) gradient of the pre-activations, k non-zeros per row.
+        sparse_BS = torch.sparse_coo_tensor(
+            torch.stack([rows, idx_BK.flatten()]),
+            grad_BK.flatten(),
+            (n_rows, w_enc_SD.shape[0]),
+            check_invariants=False,  # built from topk indices: in range by construction
+        ).coalesce()
+        grad_xc = torch.sparse.mm(sparse_BS, w_enc_SD) if ctx.needs_input_grad[0] else None
+        grad_w = torch.sparse.mm(sparse_BS.t(), xc_BD) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros_like(w_enc_SD[:, 0]).index_add_(
+                0, idx_BK.flatten(), grad_BK.flatten()
+            )
+        return grad_xc, grad_w, grad_b, None
+
+
 class TopKSAE(nn.Module):
     def __init__(self, d_model: int, d_sae: int, k: int, seed: int = 0) -> None:
         super().__init__()
@@ -54,8 +89,8 @@ class TopKSAE(nn.Module):
         return torch.relu((x_BD - self.b_dec) @ self.W_enc.T + self.b_enc)
 
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k activations and their latent indices: (B, k), (B, k)."""
-        return self.pre_acts(x_BD).topk(self.k, dim=-1, sorted=False)
+        """Top-k activations and their latent indices: (B, k), (B, k); k-sparse backward."""
+        return _SparseTopKEncode.apply(x_BD - self.b_dec, self.W_enc, self.b_enc, self.k)
 
     def decode(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
         rows_BKD = self.W_dec[idx_BK]
@@ -126,21 +161,19 @@ def training_loss(
     sae: TopKSAE, x_BD: torch.Tensor, dead_mask: torch.Tensor, k_aux: int, aux_coef: float
 ) -> tuple[torch.Tensor, dict]:
     """FVU of the batch plus the AuxK loss on the dead latents."""
-    pre = sae.pre_acts(x_BD)
-    acts, idx = pre.topk(sae.k, dim=-1, sorted=False)
+    acts, idx = sae.encode(x_BD)
     x_hat = sae.decode(acts, idx)
     residual = x_BD - x_hat
     total_var = (x_BD - x_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
     fvu = residual.pow(2).sum() / total_var
     aux = torch.zeros((), device=x_BD.device)
-    n_dead = int(dead_mask.sum())
-    if n_dead and k_aux and aux_coef:
-        k = min(k_aux, n_dead)
-        dead_pre = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
-        aux_acts, aux_idx = dead_pre.topk(k, dim=-1, sorted=False)
-        aux_acts = aux_acts.clamp_min(0)  # -inf only where fewer than k are dead and positive
+    dead = dead_mask.nonzero().flatten().to(x_BD.device)
+    if len(dead) and k_aux and aux_coef:
+        # Only the dead latents' pre-activations: a matmul over the (usually few) dead rows.
+        pre_dead = torch.relu((x_BD - sae.b_dec) @ sae.W_enc[dead].T + sae.b_enc[dead])
+        aux_acts, aux_pos = pre_dead.topk(min(k_aux, len(dead)), dim=-1, sorted=False)
         target = residual.detach()
-        aux_hat = (aux_acts.unsqueeze(-1) * sae.W_dec[aux_idx]).sum(dim=1)
+        aux_hat = (aux_acts.unsqueeze(-1) * sae.W_dec[dead[aux_pos]]).sum(dim=1)
         aux_var = (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         aux = (target - aux_hat).pow(2).sum() / aux_var
     loss = fvu + aux_coef * aux
