@@ -130,14 +130,11 @@ def main() -> int:
         torch.manual_seed(0)
         model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
         cfg = getattr(params, name)
+        template = load_template(cfg.prompt)
         if name == "av":
-            nla = build_av(params, model, tokenizer)
+            nla = build_av(params, model, tokenizer, template)
         else:
-            if cfg.gradient_checkpointing:
-                model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-            nla = build_ar(model, tokenizer, load_template(cfg.prompt), cfg, params.ar_layers)
+            nla = build_ar(model, tokenizer, template, cfg, params.ar_layers)
         log.info("timing %s: %d warm-up + %d steps", name, args.warmup, args.steps)
         report[name] = time_training(nla, cfg, texts, vectors, args.steps, args.warmup)
         del nla, model

@@ -554,11 +554,26 @@ class ActivationReconstructor(nn.Module):
         self.head.load_state_dict(load_file(directory / HEAD_FILE))
 
     def describe(self) -> dict:
-        return {"num_layers": adapt(self.model).n_layers, "template": self.template.prompt}
+        return {
+            "ar_num_layers": adapt(self.model).n_layers,
+            "templates": {"ar": template_record(self.template)},
+        }
+
+
+def template_record(template: PromptTemplate) -> dict:
+    """How a sidecar names a prompt: version, sha256 and text."""
+    return {"version": template.version, "sha256": template.sha256, "text": template.prompt}
+
+
+def enable_checkpointing(model: nn.Module, on: bool) -> None:
+    """Gradient checkpointing (non-reentrant: frozen embeddings need no input-grad hook)."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_ar(model: nn.Module, tokenizer, template: PromptTemplate, cfg, num_layers: int):
     """Truncate the base, wrap it in LoRA and add the value head."""
+    enable_checkpointing(model, cfg.gradient_checkpointing)
     truncate(model, num_layers)
     return ActivationReconstructor(
         lora(model, cfg, cfg.unfreeze_norms), tokenizer, template, cfg.max_length

@@ -25,16 +25,7 @@ def run(params: C.Params) -> dict:
             f"ar.num_layers={num_layers}: {meta['source']['name']} has {meta['n_layers']} blocks"
         )
     model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    template = load_template(cfg.prompt)
     torch.manual_seed(cfg.seed)  # LoRA, head and prefix initialisation
-    ar = build_ar(model, tokenizer, template, cfg, num_layers)
-    extra = {
-        "ar_num_layers": num_layers,
-        "templates": {
-            "ar": {"version": template.version, "sha256": template.sha256, "text": template.prompt}
-        },
-    }
-    run_, pairs = stage_run(params, "ar", C.AR_DIR, extra)
+    ar = build_ar(model, tokenizer, load_template(cfg.prompt), cfg, num_layers)
+    run_, pairs = stage_run(params, "ar", C.AR_DIR, ar.describe())
     return train(ar, *pairs["train"], *pairs["val"], cfg, run_)

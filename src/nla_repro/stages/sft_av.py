@@ -17,10 +17,12 @@ from nla_repro.models import adapt, load_base
 from nla_repro.nla import (
     ActivationVerbalizer,
     PrefixVerbalizer,
+    enable_checkpointing,
     lora,
     mean_embedding_norm,
+    template_record,
 )
-from nla_repro.templates import load_template
+from nla_repro.templates import PromptTemplate, load_template
 from nla_repro.trainer import stage_run, train
 
 log = logging.getLogger(__name__)
@@ -34,14 +36,12 @@ def resolve_scale(scale, model) -> float | None:
     return None if scale is None else float(scale)
 
 
-def build_av(params: C.Params, model, tokenizer):
+def build_av(params: C.Params, model, tokenizer, template: PromptTemplate):
     cfg = params.av
     scale = resolve_scale(cfg.injection_scale, model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, cfg.gradient_checkpointing)
     if cfg.kind == "prefix":
         return PrefixVerbalizer(model, tokenizer, cfg.n_prefix, scale, cfg.max_length)
-    template = load_template(cfg.prompt)
     return ActivationVerbalizer(
         lora(model, cfg, cfg.unfreeze_norms), tokenizer, template, scale, cfg.max_length
     )
@@ -51,15 +51,13 @@ def run(params: C.Params) -> dict:
     cfg, base = params.av, params.base
     model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
     torch.manual_seed(cfg.seed)  # LoRA, head and prefix initialisation
-    av = build_av(params, model, tokenizer)
     template = load_template(cfg.prompt)
+    av = build_av(params, model, tokenizer, template)
     extra = {
         "av": av.describe(),
         "injection_scale": cfg.injection_scale,
         "injection_scale_resolved": av.scale,
-        "templates": {
-            "av": {"version": template.version, "sha256": template.sha256, "text": template.prompt}
-        },
+        "templates": {"av": template_record(template)},
     }
     run_, pairs = stage_run(params, "av", C.AV_DIR, extra)
     return train(av, *pairs["train"], *pairs["val"], cfg, run_)
