@@ -8,6 +8,7 @@ as a subprocess. Keys come from the environment only; every error message is red
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -17,12 +18,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from nla_repro import platform
 from nla_repro.errors import ConfigError, NlaError
+from nla_repro.models import load_base, read_base_meta
 from nla_repro.secrets import get_secret, redact
 
 log = logging.getLogger(__name__)
@@ -208,6 +211,11 @@ class LocalBackend(Backend):
         """The option with the highest log-probability after each context."""
         scores = torch.empty(len(contexts), len(options))
         ctx_ids = [self.tokenizer(c, add_special_tokens=False).input_ids for c in contexts]
+        option_ids = [self.tokenizer(o, add_special_tokens=False).input_ids for o in options]
+        if all(len(o) == 1 for o in option_ids):
+            # Single-token options (a 1-5 score, A/B): one forward, next-token log-probs.
+            logp = self._next_token_logprobs(ctx_ids)
+            return [options[i] for i in logp[:, [o[0] for o in option_ids]].argmax(1).tolist()]
         for k, option in enumerate(options):
             opt = self.tokenizer(option, add_special_tokens=False).input_ids
             seqs = [c + opt for c in ctx_ids]
@@ -222,6 +230,17 @@ class LocalBackend(Backend):
                 positions = torch.arange(len(c) - 1, len(c) - 1 + len(opt))
                 scores[r, k] = logp[r, positions, torch.tensor(opt)].sum()
         return [options[i] for i in scores.argmax(dim=1).tolist()]
+
+    def _next_token_logprobs(self, ctx_ids: list[list[int]]) -> torch.Tensor:
+        width = max(len(c) for c in ctx_ids)
+        ids = torch.full((len(ctx_ids), width), self.tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for r, c in enumerate(ctx_ids):
+            ids[r, : len(c)], mask[r, : len(c)] = torch.tensor(c), 1
+        dev = self.lm.device
+        logits = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        last = torch.tensor([len(c) - 1 for c in ctx_ids])
+        return logits.float().cpu()[torch.arange(len(ctx_ids)), last].log_softmax(-1)
 
     def complete(self, prompts: list[str], prefill: str, seed: int) -> list[Completion]:
         start = time.perf_counter()
@@ -452,3 +471,54 @@ REMOTE_BACKENDS: dict[str, type[RemoteBackend]] = {
     "gemini": GeminiBackend,
     "gemini-cli": GeminiCliBackend,
 }
+
+
+def make_backend(cfg, base, base_dir: Path, policy: RetryPolicy) -> Backend:
+    """The backend `cfg.backend` for model `cfg.labeler_model` (local: the base model in
+    `base_dir`, loaded with `base`'s quantization, dtype and device)."""
+    if cfg.backend == "local":
+        model, tokenizer = load_base(base_dir, base.quantization, base.compute_dtype, base.device)
+        return LocalBackend(model, tokenizer, read_base_meta(base_dir)["source"]["name"], cfg)
+    return REMOTE_BACKENDS[cfg.backend](cfg.labeler_model, cfg, policy)
+
+
+def ask(backend: Backend, template, rows: list[dict], seed: int) -> list[Completion]:
+    """Responses to the template rendered for each row, in batches of the backend's size;
+    the local backend writes inside the template's scaffold when it has one."""
+    out: list[Completion] = []
+    for i in range(0, len(rows), backend.batch_size):
+        batch = rows[i : i + backend.batch_size]
+        if isinstance(backend, LocalBackend) and template.local_scaffold:
+            prompts = [template.render(local=True, **r) for r in batch]
+            out += backend.complete_scaffold(prompts, template.local_scaffold, batch, seed + i)
+        else:
+            prompts = [template.render(**r) for r in batch]
+            out += backend.complete(prompts, template.prefill, seed + i)
+    return out
+
+
+def ask_until_parsed(backend, template, rows: list[dict], parse, max_attempts, seed) -> list:
+    """Ask until each response parses or max_attempts runs out: (parsed, completion, tries).
+    `parse(text)` returns an object whose `.error` is empty when the response is usable."""
+    results: list[tuple | None] = [None] * len(rows)
+    tries = [0] * len(rows)
+    spent = [(0, 0, 0.0)] * len(rows)  # tokens and latency of every attempt: all are billed
+    pending = list(range(len(rows)))
+    for attempt in range(max_attempts):
+        comps = ask(backend, template, [rows[i] for i in pending], seed + 7919 * attempt)
+        still = []
+        for i, comp in zip(pending, comps, strict=True):
+            tries[i] += comp.attempts
+            n_in, n_out, secs = spent[i]
+            spent[i] = (n_in + comp.input_tokens, n_out + comp.output_tokens, secs + comp.latency_s)
+            comp = dataclasses.replace(
+                comp, input_tokens=spent[i][0], output_tokens=spent[i][1], latency_s=spent[i][2]
+            )
+            parsed = parse(comp.text) if not comp.error else None
+            results[i] = (parsed, comp, tries[i])
+            if parsed is None or parsed.error:
+                still.append(i)
+        pending = still
+        if not pending:
+            break
+    return results

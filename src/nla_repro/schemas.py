@@ -136,6 +136,83 @@ def pairs_schema(d_model: int) -> pa.DataFrameSchema:
     )
 
 
+# What the eval stage feeds the AR besides the AV's greedy output (DESIGN.md "Metrics"):
+# replay = the source label, empty = "", unrelated = another row's document text, gibberish =
+# random vocabulary tokens. Each has a reconstructed vector and its scores per eval row.
+EVAL_CONDITIONS = ("greedy", "replay", "empty", "unrelated", "gibberish")
+# Per-row list columns that come in groups of equal length (K samples, N paraphrases, claims).
+EVAL_LIST_GROUPS = (
+    ("samples", "sample_logprob", "sample_cos", "sample_fve_cen"),
+    ("paraphrases", "para_cos", "para_fve_cen"),
+    ("claims", "claim_delta_mse"),
+)
+
+
+def _list_of(kind: type) -> pa.Check:
+    return pa.Check(
+        lambda v: isinstance(v, list | np.ndarray) and all(isinstance(x, kind) for x in v),
+        element_wise=True,
+        error=f"not a list of {kind.__name__}",
+    )
+
+
+def _equal_lengths(df: pd.DataFrame) -> pd.Series:
+    ok = pd.Series(True, index=df.index)
+    for group in EVAL_LIST_GROUPS:
+        lengths = [df[c].map(len) for c in group]
+        for other in lengths[1:]:
+            ok &= lengths[0] == other
+    return ok
+
+
+def eval_rows_schema(d_model: int) -> pa.DataFrameSchema:
+    """data/eval/rows.parquet: one row per evaluated held-out vector, with everything
+    metrics/eval.json is computed from. `cos_*` are raw cosines with the target, `fve_cen_*`
+    are 0.5 * (1 + cos(h - mu, v - mu)) with mu the held-out pool mean (parquet metadata)."""
+    score = [pa.Check(lambda s: np.isfinite(s), error="not finite")]
+    judge = pa.Check(lambda s: s.isna() | s.between(1, 5), error="judge score outside 1-5")
+    columns = {
+        "doc_id": pa.Column(str, pa.Check(_nonblank, error="doc_id is empty"), unique=True),
+        "source_family": pa.Column(str),
+        "text": pa.Column(str),
+        "label": pa.Column(str, pa.Check(_nonblank, error="label is empty")),
+        "target": pa.Column(object, _vector_checks(d_model)),
+        "explanation": pa.Column(str),
+        "explanation_logprob": pa.Column(float, score),
+        "samples": pa.Column(object, _list_of(str)),
+        "sample_logprob": pa.Column(object, _list_of(float)),
+        "sample_cos": pa.Column(object, _list_of(float)),
+        "sample_fve_cen": pa.Column(object, _list_of(float)),
+        "paraphrases": pa.Column(object, _list_of(str)),
+        "para_cos": pa.Column(object, _list_of(float)),
+        "para_fve_cen": pa.Column(object, _list_of(float)),
+        "claims": pa.Column(object, _list_of(str)),
+        "claim_delta_mse": pa.Column(object, _list_of(float)),
+        "unrelated_text": pa.Column(str),
+        "gibberish_text": pa.Column(str),
+        "nn_cos": pa.Column(float, score),
+        "nn_fve_cen": pa.Column(float, score),
+        "nll_true": pa.Column(float, score),
+        "nll_shuffled": pa.Column(float, score),
+        "n_label_tokens": pa.Column("int64", pa.Check.ge(1)),
+        "judge_validity": pa.Column(float, judge, nullable=True),
+        "judge_specificity": pa.Column(float, judge, nullable=True),
+        "label_validity": pa.Column(float, judge, nullable=True),
+        "label_specificity": pa.Column(float, judge, nullable=True),
+        "judge_preferred": pa.Column(str, pa.Check.isin(("av", "label", ""))),
+    }
+    for cond in EVAL_CONDITIONS:
+        columns[f"rec_{cond}"] = pa.Column(object, _vector_checks(d_model))
+        columns[f"cos_{cond}"] = pa.Column(float, [*score, pa.Check.in_range(-1.0001, 1.0001)])
+        columns[f"fve_cen_{cond}"] = pa.Column(float, [*score, pa.Check.in_range(-0.0001, 1.0001)])
+    return pa.DataFrameSchema(
+        columns,
+        checks=[pa.Check(_equal_lengths, error="list columns of one group differ in length")],
+        name="eval_rows",
+        strict=True,
+    )
+
+
 def schema_for(path: Path | str, d_model: int | None = None) -> pa.DataFrameSchema:
     """The schema of a stage parquet, chosen by its file name."""
     name = Path(path).name
@@ -143,15 +220,20 @@ def schema_for(path: Path | str, d_model: int | None = None) -> pa.DataFrameSche
         return CORPUS
     if name.startswith("labels"):
         return LABELS
-    if name.startswith("activations"):
-        if d_model is None:
-            from nla_repro.config import BASE_META
+    vectors = name.startswith("activations") or Path(path).parent.name == "eval"
+    if vectors and d_model is None:
+        from nla_repro.config import BASE_META
 
-            if not BASE_META.exists():
-                raise DataValidationError(f"{path}: pass --d-model (no {BASE_META} to read)")
-            d_model = int(yaml.safe_load(BASE_META.read_text())["d_model"])
+        if not BASE_META.exists():
+            raise DataValidationError(f"{path}: pass --d-model (no {BASE_META} to read)")
+        d_model = int(yaml.safe_load(BASE_META.read_text())["d_model"])
+    if name.startswith("activations"):
         return activations_schema(d_model)
-    raise DataValidationError(f"{path}: no schema for this file (corpus*, labels*, activations*)")
+    if Path(path).parent.name == "eval":
+        return eval_rows_schema(d_model)
+    raise DataValidationError(
+        f"{path}: no schema for this file (corpus*, labels*, activations*, eval/rows*)"
+    )
 
 
 def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: Path | str) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from nla_repro import config as C
 from nla_repro import labelers as L
 from nla_repro.errors import NlaError
 from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
-from nla_repro.models import load_base, read_base_meta, tokenize
+from nla_repro.models import read_base_meta, tokenize
 from nla_repro.schemas import CORPUS, LABELS, read_parquet, validate
 from nla_repro.templates import load_template, parse_explanation, parse_verdict
 
@@ -60,56 +60,6 @@ def shown_texts(tokenizer, texts: list[str], max_length: int) -> tuple[list[str]
     return shown, final
 
 
-def make_backend(params: C.Params, policy: L.RetryPolicy) -> L.Backend:
-    cfg = params.label
-    if cfg.backend == "local":
-        base = params.base
-        model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
-        name = read_base_meta(C.BASE_DIR)["source"]["name"]
-        return L.LocalBackend(model, tokenizer, name, cfg)
-    return L.REMOTE_BACKENDS[cfg.backend](cfg.labeler_model, cfg, policy)
-
-
-def _ask(backend: L.Backend, template, rows: list[dict], seed: int) -> list[L.Completion]:
-    """Responses to the template rendered for each row, in batches of the backend's size."""
-    out: list[L.Completion] = []
-    for i in range(0, len(rows), backend.batch_size):
-        batch = rows[i : i + backend.batch_size]
-        if isinstance(backend, L.LocalBackend) and template.local_scaffold:
-            prompts = [template.render(local=True, **r) for r in batch]
-            out += backend.complete_scaffold(prompts, template.local_scaffold, batch, seed + i)
-        else:
-            prompts = [template.render(**r) for r in batch]
-            out += backend.complete(prompts, template.prefill, seed + i)
-    return out
-
-
-def _with_retries(backend, template, rows: list[dict], parse, cfg, seed) -> list[tuple]:
-    """Ask until each response parses or max_attempts runs out: (parsed, completion, tries)."""
-    results: list[tuple | None] = [None] * len(rows)
-    tries = [0] * len(rows)
-    spent = [(0, 0, 0.0)] * len(rows)  # tokens and latency of every attempt: all are billed
-    pending = list(range(len(rows)))
-    for attempt in range(cfg.max_attempts):
-        comps = _ask(backend, template, [rows[i] for i in pending], seed + 7919 * attempt)
-        still = []
-        for i, comp in zip(pending, comps, strict=True):
-            tries[i] += comp.attempts
-            n_in, n_out, secs = spent[i]
-            spent[i] = (n_in + comp.input_tokens, n_out + comp.output_tokens, secs + comp.latency_s)
-            comp = dataclasses.replace(
-                comp, input_tokens=spent[i][0], output_tokens=spent[i][1], latency_s=spent[i][2]
-            )
-            parsed = parse(comp.text) if not comp.error else None
-            results[i] = (parsed, comp, tries[i])
-            if parsed is None or parsed.error:
-                still.append(i)
-        pending = still
-        if not pending:
-            break
-    return results
-
-
 def label_rows(
     rows: pd.DataFrame, backends: dict, cfg: C.LabelConfig, templates: tuple, seed: int
 ) -> dict:
@@ -130,13 +80,15 @@ def label_rows(
         {"text": t, "final_token": f}
         for t, f in zip(rows["text"], rows["final_token"], strict=True)
     ]
-    first = _with_retries(backends["labeler"], labeler_t, fields, parse_explanation, cfg, seed)
+    first = L.ask_until_parsed(
+        backends["labeler"], labeler_t, fields, parse_explanation, cfg.max_attempts, seed
+    )
     audits: dict[int, tuple] = {}
     if cfg.mode == "two-pass":
         ok = [i for i, (p, _, _) in enumerate(first) if p is not None and p.ok]
         audit_fields = [fields[i] | {"explanation": first[i][0].text} for i in ok]
-        results = _with_retries(
-            backends["auditor"], auditor_t, audit_fields, parse_verdict, cfg, seed + 1
+        results = L.ask_until_parsed(
+            backends["auditor"], auditor_t, audit_fields, parse_verdict, cfg.max_attempts, seed + 1
         )
         audits = dict(zip(ok, results, strict=True))
 
@@ -246,7 +198,7 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
                 log.warning("label: estimated cost $%.4f reached the cap; stopping", cost)
                 break
             if not backends and cfg.mode != "source_text":
-                labeler = make_backend(params, policy)
+                labeler = L.make_backend(cfg, params.base, C.BASE_DIR, policy)
                 auditor = labeler
                 if (
                     cfg.backend != "local"
