@@ -153,8 +153,9 @@ class Injector:
     """Forward hook on the input embeddings that writes one vector per row at the marker.
 
     Armed with (B, d) vectors, the first forward must hold exactly one marker per row; later
-    forwards without a marker (decode steps reading a KV cache) pass through. A marker with
-    nothing armed, or a second marker-holding forward without re-arming, raises.
+    decode steps (one new token per row, reading the KV cache) pass through, even when the
+    token the model just wrote is the marker character. A marker with nothing armed, or a
+    second multi-token forward holding a marker without re-arming, raises.
     """
 
     def __init__(self, embed: nn.Module, marker_id: int) -> None:
@@ -170,7 +171,8 @@ class Injector:
         ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
         is_marker = ids == self.marker_id
         if self.vectors_BD is None or self.done:
-            if is_marker.any():
+            decoding = self.done and ids.shape[1] == 1
+            if is_marker.any() and not decoding:
                 why = "no vector is armed" if self.vectors_BD is None else "it was not re-armed"
                 raise InjectionError(f"marker token {self.marker_id} in the input but {why}")
             return None
