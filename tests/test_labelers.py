@@ -1085,3 +1085,31 @@ def test_a_200_of_unexpected_shape_is_malformed_not_fatal(server, provider):
     first, second = backend.complete(["p1", "p2"], "", seed=0)
     assert first.error.startswith("malformed response") and first.text == ""
     assert second.text == "fine again" and not second.error
+
+
+def test_single_token_choices_in_one_forward_match_scoring_each_option(tokenizer):
+    import torch
+
+    from conftest import CHAT_TEMPLATE
+
+    tokenizer.chat_template = CHAT_TEMPLATE
+    backend = L.LocalBackend(tiny_llama(seed=3), tokenizer, "tiny", C.LabelConfig())
+    contexts = ["Score: ", "A much longer context to pad the batch. Score: ", "x"]
+    options = ["1", "2", "3", "4", "5"]
+    ids = [tokenizer(o, add_special_tokens=False).input_ids for o in options]
+    assert all(len(i) == 1 for i in ids)  # the fast path applies
+    expected, table = [], []
+    for c in contexts:  # each context alone, unpadded, each option scored by a full forward
+        scores = []
+        for o in ids:
+            seq = tokenizer(c, add_special_tokens=False).input_ids + o
+            with torch.no_grad():
+                logp = backend.lm(input_ids=torch.tensor([seq])).logits.log_softmax(-1)
+            scores.append(float(logp[0, len(seq) - 2, o[0]]))
+        table.append(scores)
+        expected.append(options[max(range(len(options)), key=scores.__getitem__)])
+    ctx_ids = [tokenizer(c, add_special_tokens=False).input_ids for c in contexts]
+    with torch.no_grad():
+        batched = backend._next_token_logprobs(ctx_ids)[:, [o[0] for o in ids]]
+    torch.testing.assert_close(batched, torch.tensor(table), atol=1e-4, rtol=1e-4)
+    assert backend._choose(contexts, options) == expected

@@ -12,7 +12,11 @@ import pytest
 import yaml
 
 from nla_repro import config as C
+from nla_repro.__main__ import STAGES
+from nla_repro.evaluation import compute_metrics
+from nla_repro.plots import CSV_NAMES
 from nla_repro.schemas import CORPUS, LABELS, activations_schema, read_parquet
+from nla_repro.stages.eval import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_FILES = ["dvc.yaml", ".dvcignore", ".gitignore", ".gitattributes", ".dvc/config", "src"]
@@ -49,7 +53,7 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     first = run(["dvc", "repro"], repo)
     ran = stages_run(first)
     assert ran[:2] == ["base", "corpus"] and sorted(ran[2:4]) == ["extract", "label"]
-    assert sorted(ran[4:]) == ["sft_ar", "sft_av"]
+    assert sorted(ran[4:6]) == ["sft_ar", "sft_av"] and ran[6:] == ["eval"]
     corpus = read_parquet(repo / C.CORPUS_PATH, CORPUS)
     acts = read_parquet(repo / C.ACTIVATIONS_PATH, activations_schema(576))
     assert len(acts) == len(corpus) >= 20  # one last-token vector per document
@@ -66,7 +70,7 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     assert summary["accepted"] + summary["corrected"] + summary["rejected"] == len(corpus)
     assert (repo / C.LABEL_CHUNKS_DIR).is_dir()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"base", "corpus", "label", "extract", "sft_av", "sft_ar"}
+    assert set(lock["stages"]) == set(STAGES)
     for name, out in (("av", C.AV_DIR), ("ar", C.AR_DIR)):
         sidecar = yaml.safe_load((repo / out / "nla_meta.yaml").read_text())
         assert sidecar["step"] == 4 and sidecar["layer"] == 20
@@ -83,6 +87,15 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     plots = json.loads(run(["dvc", "plots", "show", "--json"], repo))["data"]
     for name in ("av/train_curve", "av/val_curve", "ar/train_curve", "ar/val_curve"):
         assert plots[f"models/{name}.csv"], name
+    # Eval: every number recomputes from the rows table; the verdicts are there; plots too.
+    rows, meta = read_rows(repo / C.EVAL_ROWS, 576)
+    metrics = json.loads((repo / C.EVAL_METRICS).read_text())
+    assert compute_metrics(rows, meta) == metrics and metrics["n"] == len(rows) >= 2
+    assert set(metrics["verdicts"]) >= {"content_blind", "av_ignores_vector", "template_collapse"}
+    assert metrics["judge"]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for name in CSV_NAMES:
+        assert plots[f"plots/eval/{name}.csv"], name
+    assert any(key.endswith("identity.png") for key in plots)
 
     second = run(["dvc", "repro"], repo)
     assert stages_run(second) == []
@@ -92,10 +105,11 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = pd.read_parquet(repo / C.CORPUS_PATH)
     third = run(["dvc", "repro"], repo)
-    assert stages_run(third)[0] == "extract" and sorted(stages_run(third)[1:]) == [
+    assert stages_run(third)[0] == "extract" and sorted(stages_run(third)[1:3]) == [
         "sft_ar",
         "sft_av",
     ]
+    assert stages_run(third)[3:] == ["eval"]
     assert yaml.safe_load((repo / C.ACTIVATIONS_META).read_text())["layer"] == 12
     # The persisted checkpoints of layer 20 were discarded, not resumed.
     ar_meta = yaml.safe_load((repo / C.AR_DIR / "checkpoints/step_2/nla_meta.yaml").read_text())

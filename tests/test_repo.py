@@ -66,17 +66,25 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
         C.LABEL_CHUNKS_DIR,
         C.AV_DIR,
         C.AR_DIR,
+        C.EVAL_DIR,
+        C.EVAL_PLOTS,
     }
     assert outs == {str(p) for p in expected}
+    assert C.EVAL_ROWS.parent == C.EVAL_DIR
     metrics = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
-    assert metrics == {str(C.LABEL_METRICS_PATH), *(str(p) for p in C.SFT_METRICS.values())}
+    sft = (str(p) for p in C.SFT_METRICS.values())
+    assert metrics == {str(C.LABEL_METRICS_PATH), *sft, str(C.EVAL_METRICS)}
 
 
-def test_dvc_plots_name_the_curves_the_trainer_writes():
+def test_dvc_plots_name_the_curves_the_trainer_and_eval_write():
+    from nla_repro.plots import CSV_NAMES
+
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     files = {next(iter(p)) for p in plots}
     assert files == {
-        f"{d}/{curve}.csv" for d in (C.AV_DIR, C.AR_DIR) for curve in ("train_curve", "val_curve")
+        *(f"{d}/{c}.csv" for d in (C.AV_DIR, C.AR_DIR) for c in ("train_curve", "val_curve")),
+        *(f"{C.EVAL_PLOTS}/{name}.csv" for name in CSV_NAMES),
+        str(C.EVAL_PLOTS),
     }
 
 
@@ -119,11 +127,14 @@ def test_test_task_passes_filters():
     assert ctx.run.call_count == 1
 
 
-def test_sft_code_deps_in_dvc_yaml_are_the_files_the_checkpoint_fingerprint_hashes():
+def test_code_deps_in_dvc_yaml_are_the_files_checkpoints_and_chunks_hash():
     from nla_repro import trainer
+    from nla_repro.stages import eval as eval_stage
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in ("av", "ar"):
         deps = {d for d in stages[f"sft_{name}"]["deps"] if d.startswith("src/")}
         hashed = {str(p.relative_to(ROOT)) for p in trainer.code_files(name)}
         assert deps == hashed, name
+    eval_deps = {d for d in stages["eval"]["deps"] if d.startswith("src/")}
+    assert eval_deps == {f"src/nla_repro/{m}" for m in eval_stage.CODE}

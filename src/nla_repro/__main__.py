@@ -16,7 +16,7 @@ from nla_repro import config as C
 from nla_repro.errors import NlaError
 from nla_repro.schemas import read_parquet, schema_for
 
-STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar")
+STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("--params", type=Path, default=C.PARAMS_FILE, help="params file")
+        if stage == "eval":
+            p.add_argument(
+                "--av", help="AV folder to evaluate (default: eval.av_path or models/av)"
+            )
+            p.add_argument(
+                "--ar", help="AR folder to evaluate (default: eval.ar_path or models/ar)"
+            )
+            p.add_argument(
+                "--out", help="write rows.parquet, eval.json and plots here (default: pipeline)"
+            )
     p = sub.add_parser("profile", help="write params.yaml from a named profile")
     p.add_argument("name", help="profile name: " + ", ".join(C.profile_names()))
     p.add_argument("--output", type=Path, default=C.PARAMS_FILE)
@@ -52,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.path}: {len(df)} rows match the schema")
         else:
             params = C.load_params(args.params)
-            importlib.import_module(f"nla_repro.stages.{args.command}").run(params)
+            stage = importlib.import_module(f"nla_repro.stages.{args.command}")
+            if args.command == "eval":
+                stage.run(params, av_path=args.av, ar_path=args.ar, out_dir=args.out)
+            else:
+                stage.run(params)
     except NlaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -40,6 +40,11 @@ LABEL_METRICS_PATH = Path("metrics/label.json")
 AV_DIR = Path("models/av")
 AR_DIR = Path("models/ar")
 SFT_METRICS = {"av": Path("metrics/sft_av.json"), "ar": Path("metrics/sft_ar.json")}
+# Eval outputs: the per-row table every eval number is computed from, the numbers, the plots.
+EVAL_DIR = Path("data/eval")
+EVAL_ROWS = EVAL_DIR / "rows.parquet"
+EVAL_METRICS = Path("metrics/eval.json")
+EVAL_PLOTS = Path("plots/eval")
 # Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not
 # a DVC output (DVC deletes outputs before a stage runs), and it is git- and dvc-ignored.
 WORK_DIR = Path(".nla_work")
@@ -369,6 +374,57 @@ class ARConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    av_path: str | None = None
+    """AV folder to evaluate (a release folder, a checkpoint); null: models/av."""
+    ar_path: str | None = None
+    """AR folder to evaluate; null: models/ar."""
+    split: Literal["val", "test"] = "test"
+    """Held-out split whose labeled rows are evaluated."""
+    pool_split: Literal["train", "val", "test"] = "val"
+    """Held-out pool whose mean `mu` centres the cosines (not the evaluated split)."""
+    rows: int = 0
+    """Evaluate the first this many rows of the split (0: all)."""
+    samples: int = 4
+    """Sampled explanations per row besides the greedy one (the best-of-K curve; 0: none)."""
+    temperature: float = 1.0
+    """Sampling temperature of the K samples."""
+    max_new_tokens: int = 96
+    """Length cap of an AV explanation."""
+    batch_size: int = 16
+    """Rows per AV generate call (x samples), texts per AR forward."""
+    chunk_rows: int = 16
+    """Rows per restart-safe chunk: an interrupted eval resumes after the last finished one."""
+    paraphrases: int = 2
+    """Paraphrases of each source label for the paraphrase ceiling (0: no ceiling)."""
+    paraphrase_temperature: float = 0.9
+    """Sampling temperature of the paraphraser (the judge backend)."""
+    judge_backend: Literal["local", "anthropic", "openai", "gemini", "gemini-cli", "none"] = "local"
+    """LLM judge (validity, specificity, pairwise preference) and paraphraser: the base model
+    offline, a provider (keys from the environment), or none."""
+    judge_model: str | None = None
+    """Provider model name of the judge (local: the base model)."""
+    judge_rows: int = 0
+    """Judge the first this many evaluated rows (0: all)."""
+    n_boot: int = 2000
+    """Bootstrap resamples of every 95% interval."""
+    seed: int = 0
+    """Seed of sampling, paraphrasing, the gibberish control and the bootstrap."""
+
+    def validate(self, where: str) -> None:
+        for name in ("max_new_tokens", "batch_size", "chunk_rows", "n_boot", "temperature"):
+            _positive(self, name, where)
+        if min(self.rows, self.samples, self.paraphrases, self.judge_rows) < 0:
+            raise ConfigError(f"{where}: rows, samples, paraphrases, judge_rows must be >= 0")
+        if self.pool_split == self.split:
+            raise ConfigError(f"{where}.pool_split: must differ from split ({self.split})")
+        if self.judge_backend not in ("local", "none") and not self.judge_model:
+            raise ConfigError(f"{where}: judge_backend {self.judge_backend} needs judge_model")
+        if self.paraphrases and self.judge_backend == "none":
+            raise ConfigError(f"{where}: paraphrases need a judge_backend (the paraphraser)")
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str = "default"
     """Name of the profile these params were materialized from."""
@@ -384,6 +440,8 @@ class Params:
     """Activation verbalizer training (sft_av stage)."""
     ar: ARConfig = field(default_factory=ARConfig)
     """Activation reconstructor training (sft_ar stage)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation of an AV/AR pair (eval stage)."""
 
     def __post_init__(self) -> None:
         n = self.ar.num_layers

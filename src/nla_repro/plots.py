@@ -1,0 +1,135 @@
+"""Eval plots: PNGs (matplotlib, for cards and reports) and the CSVs `dvc plots` draws.
+
+Everything is drawn from rows.parquet and the metrics computed from it, so a plot never shows
+a number the metrics file does not hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI or in the container
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from nla_repro import evaluation as E
+from nla_repro.io import atomic_path, write_text
+from nla_repro.schemas import EVAL_CONDITIONS
+
+PNG_NAMES = ("round_trip", "cos_hist", "k_curve", "ablation", "identity")
+CSV_NAMES = ("round_trip", "k_curve", "ablation")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    write_text(df.to_csv(index=False, lineterminator="\n"), path)
+
+
+def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path | str) -> None:
+    """round_trip, cos_hist, k_curve, ablation, identity (.png), and round_trip.csv,
+    k_curve.csv, ablation.csv for `dvc plots show`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = metrics["n"]
+    floor = metrics["centred"]["random_floor"]
+
+    # Per-row round trip, sorted, against the random floor.
+    order = np.argsort(rows["fve_cen_greedy"].to_numpy())
+    per_row = pd.DataFrame(
+        {
+            "rank": np.arange(n),
+            "doc_id": rows["doc_id"].to_numpy()[order],
+            "cos": rows["cos_greedy"].to_numpy()[order],
+            "fve_cen": rows["fve_cen_greedy"].to_numpy()[order],
+            "floor_cos": floor["cos"],
+            "floor_fve_cen": floor["fve_cen"],
+        }
+    )
+    _csv(per_row, out / "round_trip.csv")
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(per_row["rank"], per_row["cos"], ".", label="raw cos")
+    ax.plot(per_row["rank"], per_row["fve_cen"], ".", label="centred (fve_cen)")
+    ax.axhline(floor["cos"], ls="--", c="C0", lw=1, label="random floor, raw")
+    ax.axhline(floor["fve_cen"], ls="--", c="C1", lw=1, label="random floor, centred")
+    ax.set(xlabel="row (sorted by centred score)", ylabel="round trip", title=f"n = {n}")
+    ax.legend(fontsize=8)
+    _save(fig, out / "round_trip.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(rows["cos_greedy"], bins=20, alpha=0.6, label="raw cos")
+    ax.hist(rows["fve_cen_greedy"], bins=20, alpha=0.6, label="centred (fve_cen)")
+    ax.axvline(floor["fve_cen"], ls="--", c="C1", lw=1, label="centred floor")
+    ax.set(xlabel="round-trip score", ylabel="rows", title=f"Round trip, n = {n}")
+    ax.legend(fontsize=8)
+    _save(fig, out / "cos_hist.png")
+
+    # Best-of-K: oracle vs log-prob rerank, with the ceiling and the floor.
+    curve = metrics["best_of_k"]["fve_cen"]
+    k_df = pd.DataFrame(curve, columns=["k", "oracle", "logprob_rerank"])
+    _csv(k_df, out / "k_curve.csv")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if len(k_df):
+        ax.plot(k_df["k"], k_df["oracle"], "o-", label="oracle rerank (AR)")
+        ax.plot(k_df["k"], k_df["logprob_rerank"], "s-", label="AV log-prob rerank")
+        ax.set_xscale("log", base=2)
+    ceiling = metrics["centred"]["paraphrase_ceiling"]["fve_cen"]["mean"]
+    if ceiling is not None:
+        ax.axhline(ceiling, ls=":", c="k", lw=1, label="paraphrase ceiling")
+    ax.axhline(floor["fve_cen"], ls="--", c="grey", lw=1, label="random floor")
+    ax.set(xlabel="K samples", ylabel="centred round trip (fve_cen)", title="Best of K")
+    ax.legend(fontsize=8)
+    _save(fig, out / "k_curve.png")
+
+    # Content-blindness ablation with 95% intervals.
+    abl = metrics["ablation"]
+    ab_df = pd.DataFrame(
+        {
+            "condition": list(EVAL_CONDITIONS),
+            "cos": [abl[c]["cos"]["mean"] for c in EVAL_CONDITIONS],
+            "fve_cen": [abl[c]["fve_cen"]["mean"] for c in EVAL_CONDITIONS],
+        }
+    )
+    _csv(ab_df, out / "ablation.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, view in zip(axes, ("cos", "fve_cen"), strict=True):
+        means = np.array([abl[c][view]["mean"] for c in EVAL_CONDITIONS])
+        cis = np.array([abl[c][view]["ci95"] for c in EVAL_CONDITIONS], dtype=float)
+        err = np.abs(cis.T - means)
+        ax.bar(EVAL_CONDITIONS, means, yerr=err, capsize=3, color="C0")
+        base = floor[view]
+        ax.axhline(base, ls="--", c="grey", lw=1, label="random floor")
+        lo = min(float(np.nanmin(cis)), base)
+        ax.set_ylim(max(lo - 0.05, -1), None)
+        ax.set(title="raw cos" if view == "cos" else "centred (fve_cen)")
+        ax.tick_params(axis="x", rotation=30)
+    axes[0].legend(fontsize=8)
+    blind = metrics["verdicts"]["content_blind"]
+    fig.suptitle(f"What the AR reads (n = {n}); content_blind = {blind}")
+    _save(fig, out / "ablation.png")
+
+    # Cross-row identity, centred: a diagonal means each reconstruction points at its own row.
+    c = E.cosine_matrix(
+        np.stack(rows["rec_greedy"].to_list()), np.stack(rows["target"].to_list()), mu
+    )
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    im = ax.imshow(c, cmap="RdBu_r", vmin=-1, vmax=1)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ident = metrics["identity"]["centred"]
+    ax.set(
+        xlabel="target row j",
+        ylabel="reconstruction of row i",
+        title=(
+            f"centred cos(AR(AV(v_i)), v_j): argmax {ident['argmax_hits']}/{ident['n']} "
+            f"(chance 1/{ident['n']})"
+        ),
+    )
+    ax.title.set_fontsize(9)
+    _save(fig, out / "identity.png")

@@ -1,0 +1,451 @@
+"""eval stage and the metric suite: hand-computed metrics, verdicts on constructed ARs, the
+stage on tiny trained models (rows.parquet -> eval.json exactly, resume, a pair by path)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_sft import build_inputs, run_stage, sft_params
+
+from nla_repro import config as C
+from nla_repro import evaluation as E
+from nla_repro import labelers as L
+from nla_repro.errors import ConfigError, DataValidationError
+from nla_repro.plots import CSV_NAMES, PNG_NAMES
+from nla_repro.schemas import eval_rows_schema, validate
+from nla_repro.stages import eval as S
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on constructed vectors
+
+
+def test_mse_nrm_is_2_for_orthogonal_and_0_for_identical():
+    e = np.eye(4)
+    assert E.mse_nrm_from_cos(E.cosine_rows(e[:2], e[2:])) == pytest.approx([2.0, 2.0])
+    assert E.mse_nrm_from_cos(E.cosine_rows(e, 3 * e)) == pytest.approx([0.0] * 4)
+    assert E.mse_nrm_from_cos(E.cosine_rows(e[:1], -e[:1])) == pytest.approx([4.0])
+    assert E.fve_nrm(0.2, rawvar=0.4) == pytest.approx(0.5)
+
+
+def test_centred_view_removes_the_shared_direction_that_inflates_raw_cosines():
+    rng = np.random.default_rng(0)
+    mean = np.zeros(64)
+    mean[0] = 50.0
+    pool = mean + rng.normal(size=(200, 64))
+    a, b = pool[:100], pool[100:]
+    # Unrelated vectors of an anisotropic pool: raw cosine near 1, centred near "knows nothing".
+    assert E.cosine_rows(a, b).mean() > 0.95
+    assert E.fve_cen_rows(a, b, pool.mean(0)).mean() == pytest.approx(0.5, abs=0.03)
+    floor = E.random_floor(pool, pool.mean(0))
+    assert floor["cos"] > 0.95 and floor["fve_cen"] == pytest.approx(0.5, abs=0.01)
+    # The same vector back: 1 in both views.
+    assert E.fve_cen_rows(a, a, pool.mean(0)) == pytest.approx(np.ones(100))
+
+
+def test_identity_argmax_on_a_permuted_identity():
+    targets = np.eye(6) + 0.01
+    perm = [1, 0, 2, 3, 5, 4]  # two fixed points: rows 2 and 3
+    out = E.identity(targets[perm], targets)
+    assert out["argmax_hits"] == 2 and out["argmax_accuracy"] == pytest.approx(2 / 6)
+    assert out["chance"] == pytest.approx(1 / 6)
+    exact = E.identity(targets, targets)
+    assert exact["argmax_accuracy"] == 1.0 and exact["p_value"] < 1e-4
+    assert exact["margin"] == pytest.approx(exact["diag_mean"] - exact["offdiag_mean"])
+    # One hit in n at chance 1/n: p = 1 - (1 - 1/n)^n.
+    assert E.binomial_above_chance(1, 6, 1 / 6) == pytest.approx(1 - (5 / 6) ** 6)
+
+
+def test_best_of_k_oracle_and_logprob_rerank_by_hand():
+    scores = [[0.1, 0.5, 0.3, 0.2], [0.4, 0.0, 0.9, 0.1]]
+    logprob = [[-1.0, -3.0, -0.5, -2.0], [-2.0, -1.0, -3.0, -0.1]]
+    curve = {c["k"]: c for c in E.best_of_k(scores, logprob)}
+    assert sorted(curve) == [1, 2, 4]
+    assert curve[1]["oracle"] == pytest.approx((0.1 + 0.4) / 2)
+    assert curve[2]["oracle"] == pytest.approx((0.5 + 0.4) / 2)
+    assert curve[2]["logprob_rerank"] == pytest.approx((0.1 + 0.0) / 2)
+    assert curve[4]["oracle"] == pytest.approx((0.5 + 0.9) / 2)
+    assert curve[4]["logprob_rerank"] == pytest.approx((0.3 + 0.1) / 2)
+    assert E.k_values(6) == [1, 2, 4, 6]
+    rho = E.spearman_logprob_score([[1, 2, 3], [3, 2, 1]], [[1, 2, 3], [1, 2, 3]])
+    assert rho["within_row_mean"] == pytest.approx(0.0) and rho["n_rows"] == 2
+
+
+def test_template_diversity_counts_shared_prefixes_and_empties():
+    texts = ["a" * 70 + "x", "a" * 70 + "y", "b", "", "b"]
+    d = E.diversity(texts)
+    assert d["unique_outputs"] == 4 and d["unique_rate"] == pytest.approx(4 / 5)
+    assert d["empty_outputs"] == 1 and d["empty_rate"] == pytest.approx(1 / 5)
+    # First 60 chars: both "a..." rows share, and the two "b" rows; 80: only the "b" rows.
+    assert d["shared_prefix_60"] == pytest.approx(4 / 5)
+    assert d["shared_prefix_80"] == pytest.approx(2 / 5)
+    assert d["largest_prefix_group_60"] == 2
+
+
+def test_claims_split_parsed_and_free_text():
+    parsed = '<explanation>\n- a flood\n- a town\n- final token: "rain", a noun\n</explanation>'
+    assert E.claims(parsed) == ["a flood", "a town", 'final token: "rain", a noun']
+    assert E.claims("- one thing\n- another") == ["one thing", "another"]
+    assert E.claims("It floods. The town is wet!") == ["It floods.", "The town is wet!"]
+    assert E.claims("   ") == []
+    assert E.join_claims(E.claims(parsed)) == parsed
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    v = np.random.default_rng(1).normal(0.3, 0.1, size=50)
+    lo, hi = E.bootstrap_ci(v, seed=0, n_boot=500)
+    assert lo < v.mean() < hi and hi - lo < 0.1
+    assert E.bootstrap_ci(v, seed=0, n_boot=500) == [lo, hi]
+    assert all(math.isnan(x) for x in E.bootstrap_ci([1.0], seed=0, n_boot=10))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage's chunk logic with constructed models: verdicts must catch a blind AR
+
+
+D = 16
+
+
+class FakeAV:
+    """Writes a distinct explanation per vector; its loss uses the vector iff `reads`."""
+
+    def __init__(self, reads: bool = True) -> None:
+        self.reads = reads
+        from conftest import tiny_tokenizer
+
+        self.tokenizer = tiny_tokenizer()
+
+    def generate(self, vectors, max_new_tokens, temperature):
+        jitter = "" if temperature == 0 else f" s{torch.randint(0, 9, (1,)).item()}"
+        return [f"- row {int(v[0] * 1000)}\n- value {int(v[1] * 1000)}{jitter}" for v in vectors]
+
+    def row_nll(self, texts, vectors):
+        """Lower loss on row i's label given row i's vector (its index sits in v[3])."""
+        n = torch.tensor([float(len(t.split()) + 1) for t in texts])
+        rows = [int(m.group(1)) if (m := re.search(r"label (\d+)", t)) else -1 for t in texts]
+        wrong = (vectors[:, 3].round() != torch.tensor(rows, dtype=torch.float32)).float()
+        return n * (1.0 + (wrong if self.reads else 0.0)), n
+
+
+class TableAR:
+    """Oracle: the target of the row whose "row N" claim the text holds (the pool mean for
+    the empty string, noise otherwise); `constant`: one vector whatever the text."""
+
+    def __init__(self, lookup: dict[str, np.ndarray], constant: np.ndarray | None = None):
+        self.lookup, self.constant = lookup, constant
+        self.head = torch.nn.Linear(D, D)
+
+    def predict(self, texts):
+        out = []
+        for t in texts:
+            key = re.search(r"row -?\d+", t)
+            rng = np.random.default_rng(abs(hash(t)) % 2**32)
+            if self.constant is not None:
+                out.append(self.constant)
+            elif not t:
+                out.append(self.lookup[""])
+            else:
+                out.append(self.lookup.get(key.group(0) if key else t, rng.normal(size=D)))
+        return torch.tensor(np.stack(out), dtype=torch.float32)
+
+
+def constructed_rows(n: int = 24, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    targets = (rng.normal(size=(n, D)) + 3.0).astype(np.float32)  # anisotropic: shared mean
+    targets[:, 3] = np.arange(n)  # the row index, for FakeAV's loss
+    return pd.DataFrame(
+        {
+            "doc_id": [f"d{i}" for i in range(n)],
+            "source_family": "test",
+            "text": [f"document {i}" for i in range(n)],
+            "label": [f"- label {i}\n- more" for i in range(n)],
+            "target": list(targets),
+        }
+    )
+
+
+def evaluate_constructed(ar_kind: str, reads: bool = True) -> dict:
+    rows = constructed_rows()
+    av = FakeAV(reads)
+    targets = np.stack(rows["target"].to_list())
+    mu = targets.mean(0)
+    greedy = av.generate(torch.from_numpy(targets), 0, 0.0)
+    if ar_kind == "oracle":
+        keys = [re.search(r"row -?\d+", g).group(0) for g in greedy]
+        ar = TableAR(dict(zip(keys, targets, strict=True)) | {"": mu})
+    else:
+        ar = TableAR({}, constant=mu + 1.0)
+    params = replace(
+        C.Params(), eval=C.EvalConfig(samples=3, paraphrases=0, judge_backend="none", n_boot=300)
+    )
+    vectors = torch.from_numpy(targets)
+    part = S.evaluate_chunk(
+        rows, S.shuffled(vectors), rows["text"].tolist(), (av, ar, None, None), mu, params, 0, 0
+    )
+    part["nn_cos"], part["nn_fve_cen"] = E.nearest_in_pool(targets, targets[::-1] + 0.5, mu)
+    part = validate(part, eval_rows_schema(D), "constructed")
+    meta = {"mu": mu.tolist(), "rawvar": 0.5, "seed": 0, "n_boot": 300}
+    return E.compute_metrics(part, meta)
+
+
+def test_a_constant_ar_is_content_blind_and_at_chance():
+    m = evaluate_constructed("constant")
+    assert m["verdicts"]["content_blind"] is True
+    assert m["ablation"]["explanation_share"]["cos"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert m["identity"]["raw"]["argmax_hits"] <= 1
+    assert m["verdicts"]["identity_above_chance"] is False
+
+
+def test_an_oracle_ar_is_not_flagged():
+    m = evaluate_constructed("oracle")
+    v = m["verdicts"]
+    assert v["content_blind"] is False and v["identity_above_chance"] is True
+    assert v["above_random_floor"] is True and v["template_collapse"] is False
+    assert m["round_trip"]["cos"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert m["identity"]["centred"]["argmax_accuracy"] == 1.0
+    # Removing a claim the oracle keyed on makes the reconstruction worse.
+    assert m["per_claim"]["delta_mse"]["mean"] > 0
+    assert m["best_of_k"]["k_max"] == 3 and m["best_of_k"]["cos"][0]["k"] == 1
+
+
+def test_an_av_that_ignores_the_vector_is_flagged():
+    assert evaluate_constructed("oracle", reads=False)["verdicts"]["av_ignores_vector"] is True
+    assert evaluate_constructed("oracle", reads=True)["verdicts"]["av_ignores_vector"] is False
+
+
+def test_rows_schema_names_the_row_of_unequal_list_columns():
+    rows = constructed_rows(4)
+    ar = TableAR({}, constant=np.ones(D))
+    params = replace(C.Params(), eval=C.EvalConfig(samples=2, paraphrases=0, judge_backend="none"))
+    vectors = torch.from_numpy(np.stack(rows["target"].to_list()))
+    part = S.evaluate_chunk(
+        rows, vectors, rows["text"].tolist(), (FakeAV(), ar, None, None), np.zeros(D), params, 0, 0
+    )
+    part["nn_cos"], part["nn_fve_cen"] = 0.5, 0.5
+    validate(part, eval_rows_schema(D), "ok")
+    part.at[2, "sample_cos"] = [0.1]
+    part.at[1, "judge_validity"] = 7.0
+    with pytest.raises(DataValidationError) as err:
+        validate(part, eval_rows_schema(D), "data/eval/rows.parquet")
+    text = str(err.value)
+    assert "data/eval/rows.parquet" in text and "row(s) 2" in text
+    assert "'judge_validity'" in text and "row(s) 1" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Judge and paraphraser
+
+
+class CannedBackend(L.Backend):
+    name, model, batch_size = "canned", "canned-1", 4
+
+    def __init__(self, reply) -> None:
+        self.reply, self.prompts = reply, []
+
+    def complete(self, prompts, prefill, seed):
+        self.prompts += prompts
+        return [L.Completion(prefill + self.reply(p)) for p in prompts]
+
+
+def test_judge_maps_a_b_back_to_av_or_label_whatever_the_order():
+    rows = constructed_rows(12)
+    av_texts = [f"AVTEXT {i}" for i in range(12)]
+
+    def reply(prompt: str) -> str:
+        if "Explanation A:" in prompt:  # always prefer the AV's explanation, wherever it is
+            a_is_av = prompt.index("AVTEXT") < prompt.index("Explanation B:")
+            return " A" if a_is_av else " B"
+        return " 4\nSPECIFICITY: 2" if "AVTEXT" in prompt else " 5\nSPECIFICITY: 5"
+
+    backend = CannedBackend(reply)
+    got = S.judge(backend, rows, av_texts, seed=0, attempts=1)
+    assert got["judge_preferred"] == ["av"] * 12
+    assert got["judge_validity"] == [4.0] * 12 and got["judge_specificity"] == [2.0] * 12
+    assert got["label_validity"] == [5.0] * 12
+    pair_prompts = [p for p in backend.prompts if "Explanation A:" in p]
+    firsts = [p.index("AVTEXT") < p.index("Explanation B:") for p in pair_prompts]
+    assert 0 < sum(firsts) < 12  # the order was drawn per row
+
+
+def test_unparseable_judge_answers_are_missing_not_invented():
+    rows = constructed_rows(3)
+    got = S.judge(CannedBackend(lambda p: " no idea"), rows, ["x"] * 3, seed=0, attempts=2)
+    assert all(math.isnan(v) for v in got["judge_validity"])
+    assert got["judge_preferred"] == [""] * 3
+    assert S.parse_scores("VALIDITY: 3\nSPECIFICITY: 1") == S.JudgeScores(3.0, 1.0)
+    assert S.parse_preference("PREFERRED: B").choice == "B"
+
+
+class RewordingLocal(L.LocalBackend):
+    """The local backend's paraphrase path without a model: rewrites each claim."""
+
+    def __init__(self) -> None:
+        self.batch_size, self.model = 8, "fake-local"
+
+    def complete_scaffold(self, prompts, scaffold, fields, seed):
+        return [L.Completion(f"reworded {f['claim']}") for f in fields]
+
+
+def test_local_paraphrase_keeps_the_final_token_head():
+    label = '<explanation>\n- a flood\n- final token: "rain", a noun\n</explanation>'
+    (paras,) = S.paraphrase(RewordingLocal(), [label], n=2, seed=0, attempts=1)
+    assert len(paras) == 2
+    assert E.claims(paras[0]) == ["reworded a flood", 'final token: "rain", reworded a noun']
+
+
+def test_local_judge_asks_each_scale_separately(tokenizer):
+    from conftest import CHAT_TEMPLATE, tiny_llama
+
+    tok = tokenizer
+    tok.chat_template = CHAT_TEMPLATE
+    backend = L.LocalBackend(tiny_llama(), tok, "tiny", C.LabelConfig(batch_size=4))
+    got = S.judge(backend, constructed_rows(3), ["- a\n- b"] * 3, seed=0, attempts=1)
+    assert all(1 <= v <= 5 for v in got["judge_validity"] + got["label_specificity"])
+    assert set(got["judge_preferred"]) <= {"av", "label"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on tiny trained models
+
+
+def eval_params(**kw) -> C.Params:
+    base = sft_params()
+    cfg = dict(
+        split="val",
+        pool_split="test",
+        samples=3,
+        paraphrases=1,
+        max_new_tokens=12,
+        batch_size=4,
+        chunk_rows=2,
+        n_boot=200,
+    )
+    return replace(base, eval=C.EvalConfig(**(cfg | kw)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval_inputs")
+    build_inputs(root)
+    cwd = Path.cwd()
+    import os
+
+    os.chdir(root)
+    try:
+        for stage in ("sft_av", "sft_ar"):
+            assert run_stage(stage, eval_params()) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def repo(trained, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "repo"
+    shutil.copytree(trained, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_eval_stage_writes_rows_metrics_and_plots_that_agree(repo):
+    assert run_stage("eval", eval_params()) == 0
+    rows, meta = S.read_rows(C.EVAL_ROWS, 32)
+    metrics = json.loads(C.EVAL_METRICS.read_text())
+    # Every published number recomputes exactly from the per-row table.
+    assert E.compute_metrics(rows, meta) == metrics
+    assert metrics["n"] == len(rows) >= 2
+    assert metrics["judge"]["model"] == "tiny" and metrics["judge"]["n"] == len(rows)
+    assert len(rows["samples"].iloc[0]) == 3
+    assert metrics["vector_use"]["gap"] == pytest.approx(
+        (rows["nll_shuffled"].sum() - rows["nll_true"].sum()) / rows["n_label_tokens"].sum()
+    )
+    assert meta["models"]["av"]["files_sha256"]["adapter_model.safetensors"]
+    for name in PNG_NAMES:
+        assert (C.EVAL_PLOTS / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert all((C.EVAL_PLOTS / f"{name}.csv").exists() for name in CSV_NAMES)
+    k_curve = pd.read_csv(C.EVAL_PLOTS / "k_curve.csv")
+    assert k_curve["k"].tolist() == [1, 2, 3]
+    assert not (C.WORK_DIR / "eval").exists() or not any((C.WORK_DIR / "eval").iterdir())
+
+
+def test_interrupted_eval_resumes_without_redoing_chunks(repo, monkeypatch):
+    params = eval_params(judge_backend="none", paraphrases=0)
+    calls = []
+    real = S.evaluate_chunk
+
+    def crash_on_second(*args):
+        calls.append(args[-1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(S, "evaluate_chunk", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("eval", params)
+    assert not C.EVAL_METRICS.exists()
+    monkeypatch.setattr(S, "evaluate_chunk", lambda *a: calls.append(a[-1]) or real(*a))
+    assert run_stage("eval", params) == 0
+    assert calls[0] == 0 and 0 not in calls[2:]  # the finished chunk was kept
+    resumed = C.EVAL_METRICS.read_text()
+    C.EVAL_METRICS.unlink()
+    monkeypatch.setattr(S, "evaluate_chunk", real)
+    assert run_stage("eval", params) == 0
+    assert C.EVAL_METRICS.read_text() == resumed  # same numbers as an uninterrupted run
+
+
+def test_a_pair_given_by_path_is_evaluated_into_another_folder(repo):
+    shutil.copytree(C.AV_DIR, repo / "release" / "av")
+    shutil.copytree(C.AR_DIR, repo / "release" / "ar")
+    shutil.rmtree(C.AV_DIR)
+    params = eval_params(judge_backend="none", paraphrases=0, samples=0)
+    Path("params.yaml").write_text(C.dump_params(params))
+    from nla_repro.__main__ import main
+
+    rc = main(["eval", "--av", "release/av", "--ar", "release/ar", "--out", "release/eval"])
+    assert rc == 0
+    metrics = json.loads((repo / "release/eval/eval.json").read_text())
+    assert metrics["models"]["av"]["path"] == "release/av"
+    assert metrics["best_of_k"]["k_max"] == 0 and metrics["judge"]["n"] == 0
+    assert (repo / "release/eval/identity.png").exists() and not C.EVAL_METRICS.exists()
+
+
+def test_a_pair_for_another_layer_is_refused(repo, capsys):
+    params = eval_params()
+    params = replace(params, extract=replace(params.extract, layer=1))
+    assert run_stage("eval", params) == 2
+    assert "reads layer 2, but extract.layer is 1" in capsys.readouterr().err
+
+
+def test_eval_params_are_validated():
+    with pytest.raises(ConfigError, match="pool_split"):
+        C.EvalConfig(split="val", pool_split="val").validate("eval")
+    with pytest.raises(ConfigError, match="judge_model"):
+        C.EvalConfig(judge_backend="openai").validate("eval")
+    with pytest.raises(ConfigError, match="paraphrases need"):
+        C.EvalConfig(judge_backend="none", paraphrases=2).validate("eval")
+
+
+def test_chunks_of_other_params_are_not_reused(repo, monkeypatch):
+    real = S.evaluate_chunk
+
+    def crash_after_first(*args):
+        if args[-1] == 1:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(S, "evaluate_chunk", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("eval", eval_params(judge_backend="none", paraphrases=0, samples=3))
+    assert any((C.WORK_DIR / "eval").rglob("chunk_000000.parquet"))
+    monkeypatch.setattr(S, "evaluate_chunk", real)
+    assert run_stage("eval", eval_params(judge_backend="none", paraphrases=0, samples=1)) == 0
+    rows, _ = S.read_rows(C.EVAL_ROWS, 32)
+    assert rows["samples"].map(len).tolist() == [1] * len(rows)
