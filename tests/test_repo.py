@@ -77,14 +77,14 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
 
 
 def test_dvc_plots_name_the_curves_the_trainer_and_eval_write():
-    from nla_repro.plots import CSV_NAMES
+    from nla_repro.plots import CSV_NAMES, PNG_NAMES
 
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     files = {next(iter(p)) for p in plots}
     assert files == {
         *(f"{d}/{c}.csv" for d in (C.AV_DIR, C.AR_DIR) for c in ("train_curve", "val_curve")),
         *(f"{C.EVAL_PLOTS}/{name}.csv" for name in CSV_NAMES),
-        str(C.EVAL_PLOTS),
+        *(f"{C.EVAL_PLOTS}/{name}.png" for name in PNG_NAMES),
     }
 
 
