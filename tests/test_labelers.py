@@ -1089,7 +1089,6 @@ def test_a_200_of_unexpected_shape_is_malformed_not_fatal(server, provider):
 
 def test_single_token_choices_in_one_forward_match_scoring_each_option(tokenizer):
     import torch
-
     from conftest import CHAT_TEMPLATE
 
     tokenizer.chat_template = CHAT_TEMPLATE
