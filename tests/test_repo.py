@@ -68,16 +68,18 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
         C.AR_DIR,
         C.EVAL_DIR,
         C.EVAL_PLOTS,
+        C.SAE_DIR,
+        C.SAE_PLOTS,
     }
     assert outs == {str(p) for p in expected}
     assert C.EVAL_ROWS.parent == C.EVAL_DIR
     metrics = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
     sft = (str(p) for p in C.SFT_METRICS.values())
-    assert metrics == {str(C.LABEL_METRICS_PATH), *sft, str(C.EVAL_METRICS)}
+    assert metrics == {str(C.LABEL_METRICS_PATH), *sft, str(C.EVAL_METRICS), str(C.SAE_METRICS)}
 
 
 def test_dvc_plots_name_the_curves_the_trainer_and_eval_write():
-    from nla_repro.plots import CSV_NAMES, PNG_NAMES
+    from nla_repro.plots import CSV_NAMES, PNG_NAMES, SAE_CSV_NAMES, SAE_PNG_NAMES
 
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     files = {next(iter(p)) for p in plots}
@@ -85,6 +87,9 @@ def test_dvc_plots_name_the_curves_the_trainer_and_eval_write():
         *(f"{d}/{c}.csv" for d in (C.AV_DIR, C.AR_DIR) for c in ("train_curve", "val_curve")),
         *(f"{C.EVAL_PLOTS}/{name}.csv" for name in CSV_NAMES),
         *(f"{C.EVAL_PLOTS}/{name}.png" for name in PNG_NAMES),
+        f"{C.SAE_DIR}/train_curve.csv",
+        *(f"{C.SAE_PLOTS}/{name}.csv" for name in SAE_CSV_NAMES),
+        *(f"{C.SAE_PLOTS}/{name}.png" for name in SAE_PNG_NAMES),
     }
 
 
@@ -130,11 +135,13 @@ def test_test_task_passes_filters():
 def test_code_deps_in_dvc_yaml_are_the_files_checkpoints_and_chunks_hash():
     from nla_repro import trainer
     from nla_repro.stages import eval as eval_stage
+    from nla_repro.stages import sae as sae_stage
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in ("av", "ar"):
         deps = {d for d in stages[f"sft_{name}"]["deps"] if d.startswith("src/")}
         hashed = {str(p.relative_to(ROOT)) for p in trainer.code_files(name)}
         assert deps == hashed, name
-    eval_deps = {d for d in stages["eval"]["deps"] if d.startswith("src/")}
-    assert eval_deps == {f"src/nla_repro/{m}" for m in eval_stage.CODE}
+    for name, stage in (("eval", eval_stage), ("sae", sae_stage)):
+        deps = {d for d in stages[name]["deps"] if d.startswith("src/")}
+        assert deps == {f"src/nla_repro/{m}" for m in stage.CODE}, name

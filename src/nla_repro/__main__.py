@@ -16,7 +16,7 @@ from nla_repro import config as C
 from nla_repro.errors import NlaError
 from nla_repro.schemas import read_parquet, schema_for
 
-STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "eval")
+STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "sae", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,10 @@ EVAL_DIR = Path("data/eval")
 EVAL_ROWS = EVAL_DIR / "rows.parquet"
 EVAL_METRICS = Path("metrics/eval.json")
 EVAL_PLOTS = Path("plots/eval")
+# SAE outputs: weights in SAELens's layout (+ checkpoints, persisted), metrics, plots.
+SAE_DIR = Path("models/sae")
+SAE_METRICS = Path("metrics/sae.json")
+SAE_PLOTS = Path("plots/sae")
 # Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not
 # a DVC output (DVC deletes outputs before a stage runs), and it is git- and dvc-ignored.
 WORK_DIR = Path(".nla_work")
@@ -180,12 +184,7 @@ class ExtractConfig:
             raise ConfigError(f"{where}.min_offset: must be >= 0")
 
     def check_layer(self, n_layers: int, model_name: str) -> None:
-        """The layer range depends on the model, so it is checked once the base is known."""
-        if not 0 <= self.layer < n_layers:
-            raise ConfigError(
-                f"params extract.layer={self.layer} is out of range for {model_name}: it has "
-                f"{n_layers} decoder blocks (valid layers 0..{n_layers - 1})"
-            )
+        check_layer(self.layer, n_layers, model_name, "extract.layer")
 
 
 @dataclass(frozen=True)
@@ -425,6 +424,88 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SAEConfig:
+    layer: int | None = None
+    """Decoder block whose output the SAE reads (null: extract.layer)."""
+    k: int = 32
+    """Active latents per token (TopK)."""
+    expansion: int = 4
+    """d_sae = expansion * d_model, unless d_sae is set."""
+    d_sae: int | None = None
+    """Number of latents (null: expansion * d_model)."""
+    batch_size: int = 1024
+    """Tokens per optimizer step."""
+    tokens: int = 1_000_000
+    """Training tokens in all: the train split's tokens, reshuffled each epoch."""
+    lr: float | None = None
+    """Adam learning rate (null: the width-scaled recipe, 2e-4 / sqrt(d_sae / 2**14))."""
+    warmup_steps: int = 50
+    """Linear learning-rate warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0: off)."""
+    k_aux: int | None = None
+    """Dead latents in the AuxK loss (null: d_model // 2; 0: no AuxK)."""
+    aux_coef: float = 0.03125
+    """Weight of the AuxK loss (1/32)."""
+    dead_tokens: int = 200_000
+    """A latent counts as dead once it has not fired for this many training tokens."""
+    seed: int = 0
+    """Seed of the initialization and the data order."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """SAE weights and training arithmetic (activations are cast to it)."""
+    max_length: int = 128
+    """Tokens per document (the context the activations are read in)."""
+    outlier_norm: float | None = 10.0
+    """Drop tokens whose norm exceeds this multiple of the median token norm (attention-sink
+    positions reach 100x); null: keep all."""
+    gm_sample: int = 4096
+    """Tokens in the geometric-median sample that initializes b_dec."""
+    extract_batch: int = 16
+    """Documents per forward pass while collecting activations."""
+    shard_tokens: int = 16384
+    """Tokens per activation shard on disk (.nla_work/sae/)."""
+    shuffle_shards: int = 4
+    """Shards mixed in one shuffle buffer: memory holds shuffle_shards * shard_tokens vectors."""
+    eval_split: Literal["val", "test"] = "test"
+    """Held-out split the metrics are measured on."""
+    eval_tokens: int = 0
+    """Held-out tokens scored (0: all)."""
+    loss_docs: int = 64
+    """Held-out documents for the LM loss recovered (0: skip it)."""
+    checkpoint_every: int = 250
+    """Optimizer steps between checkpoints (a relaunch resumes from the last)."""
+    log_every: int = 25
+    """Optimizer steps between rows of the training curve."""
+
+    def validate(self, where: str) -> None:
+        for name in ("k", "expansion", "batch_size", "tokens", "dead_tokens", "max_length"):
+            _positive(self, name, where)
+        for name in ("gm_sample", "extract_batch", "shard_tokens", "shuffle_shards"):
+            _positive(self, name, where)
+        for name in ("checkpoint_every", "log_every"):
+            _positive(self, name, where)
+        if self.d_sae is not None and self.d_sae < self.k:
+            raise ConfigError(f"{where}.d_sae: must be >= k={self.k}, got {self.d_sae}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be > 0 or null, got {self.lr}")
+        if self.layer is not None and self.layer < 0:
+            raise ConfigError(f"{where}.layer: must be >= 0 or null, got {self.layer}")
+        if self.outlier_norm is not None and self.outlier_norm <= 1:
+            raise ConfigError(f"{where}.outlier_norm: must be > 1 or null")
+        if min(self.warmup_steps, self.eval_tokens, self.loss_docs, self.max_grad_norm) < 0:
+            raise ConfigError(f"{where}: warmup_steps, eval_tokens, loss_docs, max_grad_norm >= 0")
+        if self.k_aux is not None and self.k_aux < 0:
+            raise ConfigError(f"{where}.k_aux: must be >= 0 or null")
+
+    def width(self, d_model: int) -> int:
+        """Number of latents for a base of width d_model."""
+        d_sae = self.d_sae or self.expansion * d_model
+        if d_sae < self.k:
+            raise ConfigError(f"sae: d_sae={d_sae} is smaller than k={self.k}")
+        return d_sae
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str = "default"
     """Name of the profile these params were materialized from."""
@@ -442,6 +523,8 @@ class Params:
     """Activation reconstructor training (sft_ar stage)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation of an AV/AR pair (eval stage)."""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    """TopK sparse autoencoder on token activations (sae stage)."""
 
     def __post_init__(self) -> None:
         n = self.ar.num_layers
@@ -452,9 +535,23 @@ class Params:
             )
 
     @property
+    def sae_layer(self) -> int:
+        """Decoder block the SAE reads."""
+        return self.extract.layer if self.sae.layer is None else self.sae.layer
+
+    @property
     def ar_layers(self) -> int:
         """Decoder blocks the AR keeps."""
         return self.ar.num_layers or self.extract.layer + 1
+
+
+def check_layer(layer: int, n_layers: int, model_name: str, key: str) -> None:
+    """The layer range depends on the model, so it is checked once the base is known."""
+    if not 0 <= layer < n_layers:
+        raise ConfigError(
+            f"params {key}={layer} is out of range for {model_name}: it has "
+            f"{n_layers} decoder blocks (valid layers 0..{n_layers - 1})"
+        )
 
 
 def _positive(obj: Any, name: str, where: str) -> None:

@@ -1,4 +1,4 @@
-"""Eval plots: PNGs (matplotlib, for cards and reports) and the CSVs `dvc plots` draws.
+"""Eval and SAE plots: PNGs (matplotlib, for cards and reports) and the CSVs `dvc plots` draws.
 
 Everything is drawn from rows.parquet and the metrics computed from it, so a plot never shows
 a number the metrics file does not hold.
@@ -21,6 +21,8 @@ from nla_repro.schemas import EVAL_CONDITIONS
 
 PNG_NAMES = ("round_trip", "cos_hist", "k_curve", "ablation", "identity")
 CSV_NAMES = ("round_trip", "k_curve", "ablation")
+SAE_PNG_NAMES = ("density", "train_curve")
+SAE_CSV_NAMES = ("density",)
 
 
 def _save(fig, path: Path) -> None:
@@ -80,6 +82,7 @@ def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path 
         ax.plot(k_df["k"], k_df["oracle"], "o-", label="oracle rerank (AR)")
         ax.plot(k_df["k"], k_df["logprob_rerank"], "s-", label="AV log-prob rerank")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(k_df["k"], [str(int(k)) for k in k_df["k"]])
     ceiling = metrics["centred"]["paraphrase_ceiling"]["fve_cen"]["mean"]
     if ceiling is not None:
         ax.axhline(ceiling, ls=":", c="k", lw=1, label="paraphrase ceiling")
@@ -133,3 +136,47 @@ def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path 
     )
     ax.title.set_fontsize(9)
     _save(fig, out / "identity.png")
+
+
+def sae_plots(density_S: np.ndarray, history: list[dict], metrics: dict, out_dir) -> None:
+    """density.png / density.csv: histogram of log10 feature density on the held-out tokens
+    (latents that never fired counted apart); train_curve.png: batch FVU and dead latents
+    against training tokens."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fired = density_S[density_S > 0]
+    never = int((density_S == 0).sum())
+    edges = np.linspace(-6, 0, 25)
+    counts, _ = np.histogram(np.log10(np.clip(fired, 1e-6, 1)), bins=edges)
+    _csv(
+        pd.DataFrame({"log10_density": np.round(edges[:-1], 3), "latents": counts}),
+        out / "density.csv",
+    )
+    n = metrics["n_tokens"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.stairs(counts, edges, fill=True, alpha=0.7)
+    ax.axvline(np.log10(1 / max(n, 1)), ls="--", c="grey", lw=1, label="fires once")
+    ax.set(
+        xlabel="log10 feature density (fraction of held-out tokens)",
+        ylabel="latents",
+        title=f"{len(density_S)} latents, {n} held-out tokens; never fired: {never}",
+    )
+    ax.legend(fontsize=8)
+    _save(fig, out / "density.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if history:
+        tokens = [h["tokens"] for h in history]
+        ax.plot(tokens, [h["fvu"] for h in history], label="batch FVU")
+        ax.set_yscale("log")
+        ax2 = ax.twinx()
+        ax2.plot(tokens, [h["dead"] for h in history], c="C3", lw=1, label="dead latents")
+        ax2.set_ylabel("dead latents")
+        ax2.legend(loc="upper center", fontsize=8)
+    ax.set(
+        xlabel="training tokens",
+        ylabel="FVU (batch)",
+        title=f"held-out explained variance {metrics['explained_variance']:.3f}",
+    )
+    ax.legend(loc="upper right", fontsize=8)
+    _save(fig, out / "train_curve.png")
