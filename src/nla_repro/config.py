@@ -437,8 +437,10 @@ class SAEConfig:
     """Tokens per optimizer step."""
     tokens: int = 1_000_000
     """Training tokens in all: the train split's tokens, reshuffled each epoch."""
-    lr: float | None = None
-    """Adam learning rate (null: the width-scaled recipe, 2e-4 / sqrt(d_sae / 2**14))."""
+    lr: float | None = 0.003
+    """Adam learning rate (null: the width-scaled recipe, 2e-4 / sqrt(d_sae / 2**14)). The
+    default corpus is small (26k train tokens, ~40 epochs): held-out EV after 1M tokens 0.717
+    at the recipe's 5.3e-4, 0.737 at 1e-3, 0.748 at 2e-3 and 3e-3, 0.745 at 4e-3."""
     warmup_steps: int = 50
     """Linear learning-rate warmup."""
     max_grad_norm: float = 1.0
