@@ -30,6 +30,10 @@ def run(cmd: list[str], cwd: Path) -> str:
     return out
 
 
+def params_k(repo: Path) -> int:
+    return yaml.safe_load((repo / "params.yaml").read_text())["sae"]["k"]
+
+
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
@@ -52,8 +56,8 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
 
     first = run(["dvc", "repro"], repo)
     ran = stages_run(first)
-    assert ran[:2] == ["base", "corpus"] and sorted(ran[2:4]) == ["extract", "label"]
-    assert sorted(ran[4:6]) == ["sft_ar", "sft_av"] and ran[6:] == ["eval"]
+    assert ran[:2] == ["base", "corpus"] and sorted(ran) == sorted(STAGES)
+    assert ran.index("eval") > max(ran.index("sft_av"), ran.index("sft_ar"))
     corpus = read_parquet(repo / C.CORPUS_PATH, CORPUS)
     acts = read_parquet(repo / C.ACTIVATIONS_PATH, activations_schema(576))
     assert len(acts) == len(corpus) >= 20  # one last-token vector per document
@@ -96,6 +100,13 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     for name in CSV_NAMES:
         assert plots[f"plots/eval/{name}.csv"], name
     assert plots["plots/eval/identity.png"]
+    # SAE: held-out metrics, SAELens-layout folder, curves for dvc plots.
+    sae = json.loads((repo / C.SAE_METRICS).read_text())
+    assert 0 < sae["l0"] <= params_k(repo) and sae["n_tokens"] > 0
+    assert sae["loss_recovered"]["zero_ablation"] > sae["loss_recovered"]["clean"]
+    sae_cfg = json.loads((repo / C.SAE_DIR / "cfg.json").read_text())
+    assert sae_cfg["metadata"]["hook_name"] == "blocks.20.hook_resid_post"
+    assert plots["models/sae/train_curve.csv"] and plots["plots/sae/density.csv"]
 
     second = run(["dvc", "repro"], repo)
     assert stages_run(second) == []
@@ -105,11 +116,9 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = pd.read_parquet(repo / C.CORPUS_PATH)
     third = run(["dvc", "repro"], repo)
-    assert stages_run(third)[0] == "extract" and sorted(stages_run(third)[1:3]) == [
-        "sft_ar",
-        "sft_av",
-    ]
-    assert stages_run(third)[3:] == ["eval"]
+    assert sorted(stages_run(third)) == ["eval", "extract", "sae", "sft_ar", "sft_av"]
+    sae_cfg = json.loads((repo / C.SAE_DIR / "cfg.json").read_text())
+    assert sae_cfg["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
     assert yaml.safe_load((repo / C.ACTIVATIONS_META).read_text())["layer"] == 12
     # The persisted checkpoints of layer 20 were discarded, not resumed.
     ar_meta = yaml.safe_load((repo / C.AR_DIR / "checkpoints/step_2/nla_meta.yaml").read_text())
