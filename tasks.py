@@ -1,20 +1,37 @@
 """Task runner (invoke). `invoke --list` shows every task; `invoke --help TASK` its options.
 
-Tasks only call the project's command line, dvc, pytest and ruff: nothing imports this file.
+Tasks call the project's command line, dvc, docker, pytest and ruff; what differs between
+platforms is decided in `nla_repro.platform` (imported only inside the tasks that need it, so
+`invoke --list` and `invoke setup` work before the package is installed). Nothing imports
+this file.
 """
 
 from __future__ import annotations
 
-from invoke import Context, task
+import re
+import shlex
+from pathlib import Path
+
+from invoke import Context, Exit, task
 
 # The README's two newcomer commands use the same install line; keep them in step.
 INSTALL = 'python3 -m pip install torch==2.13.0 -e ".[dev]"'
+IMAGE = "nla-repro:latest"
+LOCK = "docker/requirements-gpu.txt"
+LOCK_CMD = (
+    "uv pip compile pyproject.toml --extra hub --generate-hashes --python-version 3.11 "
+    f"--python-platform x86_64-manylinux_2_28 --constraint docker/gpu-pins.txt -o {LOCK}"
+)
 
 
 @task(help={"cuda": "keep the installed torch (e.g. a CUDA build) instead of torch==2.13.0 CPU"})
 def setup(c: Context, cuda: bool = False) -> None:
-    """Install the package with its dev tools (torch 2.13.0 CPU build unless --cuda)."""
+    """Install the package and dev tools (CPU torch unless --cuda), then platform settings.
+
+    Platform settings: `python -m nla_repro configure` (Windows: DVC cache links as copies).
+    """
     c.run('python3 -m pip install -e ".[dev]"' if cuda else INSTALL, pty=False)
+    c.run("python -m nla_repro configure")
 
 
 @task(
@@ -51,3 +68,80 @@ def lint(c: Context, fix: bool = False) -> None:
         c.run(f"ruff check --fix {paths} && ruff format {paths}")
     else:
         c.run(f"ruff check {paths} && ruff format --check {paths}")
+
+
+def _dvc_transfer(c: Context, verb: str, remote: str, jobs: int) -> None:
+    cmd = " ".join(
+        [f"dvc {verb}", f"-r {shlex.quote(remote)}" if remote else "", f"-j {jobs}" if jobs else ""]
+    ).split()
+    result = c.run(" ".join(cmd), warn=True, hide="stdout")
+    out = (result.stdout or "") + (result.stderr or "")
+    if not result.ok:
+        tail = "\n".join(out.strip().splitlines()[-5:])
+        raise Exit(
+            f"{' '.join(cmd)} failed (exit {result.exited}):\n{tail}\n"
+            "Check the remote with `dvc remote list` and `invoke doctor`; an S3 remote needs "
+            "`pip install -e '.[s3]'` and AWS credentials in the environment.",
+            code=result.exited or 1,
+        )
+    moved = re.search(r"(\d+) files? (pushed|fetched|added)", out)
+    done = f"{moved.group(1)} files {moved.group(2)}" if moved else "everything up to date"
+    print(f"dvc {verb}: {done} ({'remote ' + remote if remote else 'default remote'})")
+
+
+@task(help={"remote": "DVC remote name (default: the default remote)", "jobs": "parallel jobs"})
+def push(c: Context, remote: str = "", jobs: int = 0) -> None:
+    """Upload every pipeline output's DVC cache to the remote, with a one-line report."""
+    _dvc_transfer(c, "push", remote, jobs)
+
+
+@task(help={"remote": "DVC remote name (default: the default remote)", "jobs": "parallel jobs"})
+def pull(c: Context, remote: str = "", jobs: int = 0) -> None:
+    """Download this commit's pipeline outputs from the remote instead of recomputing."""
+    _dvc_transfer(c, "pull", remote, jobs)
+
+
+@task
+def doctor(c: Context) -> None:
+    """Check the machine: versions, CUDA, VRAM, bitsandbytes, DVC remotes, disk (one table)."""
+    c.run("python -m nla_repro doctor")
+
+
+@task(help={"pid": "process id of the stage (or shell) to kill with all its children"})
+def kill(c: Context, pid: int) -> None:
+    """Kill a process and all its children (taskkill /T on Windows, process group on POSIX)."""
+    c.run(f"python -m nla_repro kill {int(pid)}")
+
+
+@task(help={"tag": f"image tag (default {IMAGE})", "no_cache": "rebuild every layer"})
+def docker_build(c: Context, tag: str = IMAGE, no_cache: bool = False) -> None:
+    """Build the CUDA container from the Dockerfile (BuildKit: pip cache mounts)."""
+    flags = " --no-cache" if no_cache else ""
+    c.run(f"docker build{flags} -t {shlex.quote(tag)} .", env={"DOCKER_BUILDKIT": "1"})
+
+
+@task(
+    help={
+        "args": 'what the container\'s invoke runs, e.g. "repro --profile gemma-4-e2b-v0.1.dd"',
+        "tag": f"image tag (default {IMAGE})",
+        "gpus": "docker --gpus value ('all', 'device=0'); empty: no GPU",
+    }
+)
+def docker_run(c: Context, args: str = "--list", tag: str = IMAGE, gpus: str = "all") -> None:
+    """Run invoke inside the CUDA container (checkout at /work, cache volumes, GPUs).
+
+    The DVC and Hugging Face caches are named volumes; secrets pass through by name only.
+    """
+    from nla_repro.platform import docker_run_command
+
+    cmd = docker_run_command(tag, shlex.split(args), Path("."), gpus=gpus)
+    c.run(shlex.join(cmd), pty=True)
+
+
+@task
+def lock(c: Context) -> None:
+    """Regenerate docker/requirements-gpu.txt, the container's hash-pinned lock (uv).
+
+    Resolved from pyproject.toml with docker/gpu-pins.txt for Linux x86-64, Python 3.11.
+    """
+    c.run(LOCK_CMD)

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,16 @@ from nla_repro.schemas import CORPUS, LABELS, activations_schema, read_parquet
 from nla_repro.stages.eval import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-REPO_FILES = ["dvc.yaml", ".dvcignore", ".gitignore", ".gitattributes", ".dvc/config", "src"]
+REPO_FILES = [
+    "dvc.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".gitattributes",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "src",
+    "tasks.py",
+]
 
 
 def run(cmd: list[str], cwd: Path) -> str:
@@ -125,3 +135,45 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     assert (ar_meta["layer"], ar_meta["ar_num_layers"]) == (12, 13)
     assert pd.read_parquet(repo / C.CORPUS_PATH).equals(before)
     assert run(["dvc", "status"], repo).strip().endswith("Data and pipelines are up to date.")
+
+    # Remote round trip: push from this clone, fresh `git clone` elsewhere, pull: clean status
+    # and nothing to reproduce.
+    remote = tmp_path / "remote"
+    commit = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm"]
+    run(["git", "add", "-A"], repo)
+    run([*commit, "layer 12"], repo)
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], repo)
+    pushed = run(["invoke", "push"], repo)
+    assert re.search(r"dvc push: \d+ files pushed \(default remote\)", pushed), pushed
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], clone)
+    assert "dvc pull: " in run(["invoke", "pull"], clone)
+    assert run(["dvc", "status"], clone).strip().endswith("Data and pipelines are up to date.")
+    assert stages_run(run(["dvc", "repro"], clone)) == []
+    assert (clone / C.SAE_DIR / "sae_weights.safetensors").read_bytes() == (
+        repo / C.SAE_DIR / "sae_weights.safetensors"
+    ).read_bytes()
+
+    # A queued sweep: two SAE widths of k run as DVC experiments; only the sae stage reruns.
+    for k in (2, 4):
+        run(["dvc", "exp", "run", "--queue", "-S", f"sae.k={k}"], repo)
+    run(["dvc", "queue", "start", "-j", "1"], repo)
+    deadline = time.time() + 600
+    while re.search(r"Queued|Running", run(["dvc", "queue", "status"], repo)):
+        assert time.time() < deadline, run(["dvc", "queue", "status"], repo)
+        time.sleep(2)
+    run(["dvc", "queue", "stop"], repo)
+    status = run(["dvc", "queue", "status"], repo)
+    assert status.count("Success") == 2, status
+    exps = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+    results = {
+        rev["data"]["params"]["params.yaml"]["data"]["sae"]["k"]: rev["data"]["metrics"][
+            "metrics/sae.json"
+        ]["data"]
+        for commit_ in exps
+        for exp in commit_.get("experiments") or []
+        for rev in exp["revs"]
+    }
+    assert sorted(results) == [2, 4]
+    assert all(0 < m["l0"] <= k for k, m in results.items())

@@ -2,8 +2,6 @@
 
 import configparser
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -101,15 +99,6 @@ def test_dvc_params_keys_exist_in_params():
             for part in key.split("."):
                 assert part in node, f"dvc.yaml names unknown param {key}"
                 node = node[part]
-
-
-def test_invoke_list_shows_every_task():
-    out = subprocess.run(
-        [sys.executable, "-m", "invoke", "--list"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    for name in ("setup", "repro", "test", "lint"):
-        assert re.search(rf"^\s+{name}\s+\S", out.stdout, re.M), f"{name} missing or without help"
 
 
 def test_repro_task_applies_the_profile_then_runs_dvc():

@@ -409,3 +409,25 @@ def test_validation_flags_a_model_that_ignores_its_input(caplog, result, flagged
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == (1 if flagged else 0)
     assert not flagged or (flagged in warnings[0] and "step 10" in warnings[0])
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_trains_on_cpu(inputs, tmp_path):
+    """`accelerate launch` (the multi-GPU path) with 2 CPU processes: each trains on its own
+    micro-batches, gradients are averaged, only the main process writes."""
+    root = tmp_path / "repo"
+    shutil.copytree(inputs, root)
+    params = sft_params(ar={"max_steps": 2, "save_interval": 2, "eval_interval": 2})
+    (root / "params.yaml").write_text(C.dump_params(params))
+    cmd = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"),
+        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("-m", "nla_repro", "sft_ar"),
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((root / C.SFT_METRICS["ar"]).read_text())
+    assert metrics["released_step"] == 2 and metrics["train_rows"] >= 8
+    assert (root / C.AR_DIR / "head.safetensors").exists()
+    assert sorted(p.name for p in (root / C.AR_DIR / "checkpoints").iterdir()) == ["step_2"]

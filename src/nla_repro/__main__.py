@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=C.PARAMS_FILE)
     p = sub.add_parser("check-params", help="validate a params file and print it")
     p.add_argument("--params", type=Path, default=C.PARAMS_FILE)
+    sub.add_parser("doctor", help="versions, CUDA, VRAM, bitsandbytes, DVC remotes, disk")
+    sub.add_parser("configure", help="apply this platform's settings (Windows: DVC cache copy)")
+    p = sub.add_parser("kill", help="kill a process and all its children (a stuck stage)")
+    p.add_argument("pid", type=int)
     p = sub.add_parser("validate", help="check a stage parquet against its schema")
     p.add_argument("path", type=Path, help="e.g. data/corpus.parquet, data/activations.parquet")
     p.add_argument("--d-model", type=int, help="vector width (default: from models/base)")
@@ -57,6 +62,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output} from profile {args.name!r}")
         elif args.command == "check-params":
             print(C.dump_params(C.load_params(args.params)), end="")
+        elif args.command == "doctor":
+            from nla_repro import platform
+
+            rows = platform.doctor_rows()
+            print(platform.format_table([("check", "value", "status"), *rows]))
+            return 1 if any(status == "fail" for _, _, status in rows) else 0
+        elif args.command == "configure":
+            from nla_repro import platform
+
+            for cmd in platform.configure_commands():
+                print(" ".join(cmd))
+                subprocess.run(cmd, check=True)
+        elif args.command == "kill":
+            from nla_repro import platform
+
+            killed = platform.kill_tree(args.pid)
+            print(f"killed {len(killed)} process(es): {' '.join(map(str, killed))}")
         elif args.command == "validate":
             df = read_parquet(args.path, schema_for(args.path, args.d_model))
             print(f"{args.path}: {len(df)} rows match the schema")
