@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -28,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nla_repro import config as C
@@ -49,31 +47,19 @@ EV_TOLERANCE = 0.005  # "equal" explained variance: within half a point
 
 def stage_activations(params: C.Params) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Train and held-out token activations exactly as the sae stage collects them."""
-    from nla_repro.io import ChunkStore
-    from nla_repro.models import load_base, tokenize
+    from nla_repro.models import load_base
     from nla_repro.schemas import CORPUS, read_parquet
-    from nla_repro.stages.sae import Shards, collect, plan_shards
+    from nla_repro.stages.sae import token_activations
 
-    cfg = params.sae
     corpus = read_parquet(C.CORPUS_PATH, CORPUS)
     model, tokenizer = load_base(C.BASE_DIR, params.base.quantization, params.base.compute_dtype)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    special = set(tokenizer.all_special_ids)
-    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for split in ("train", cfg.eval_split):
-            texts = corpus[corpus["split"] == split]["text"].tolist()
-            tokens = tokenize(tokenizer, texts, cfg.max_length)
-            plan = plan_shards([len(t) for t in tokens], cfg.extract_batch, cfg.shard_tokens)
-            store = ChunkStore(Path(tmp) / split, "bench")
-            collect(model, tokens, special, params.sae_layer, pad_id, store, plan, split)
-            out[split] = Shards(store, len(plan), torch.float32)
-        norms = out["train"].norms()
-        max_norm = cfg.outlier_norm * float(np.median(norms)) if cfg.outlier_norm else math.inf
-        for shards in out.values():
-            shards.max_norm = max_norm
-        train, held_out = (torch.cat(list(out[s])) for s in ("train", cfg.eval_split))
-    return train, held_out, f"sae stage activations, layer {params.sae_layer}, models/base"
+        data = token_activations(
+            model, tokenizer, corpus, params.sae, params.sae_layer, Path(tmp), ("bench",)
+        )
+        splits = ("train", params.sae.eval_split)
+        train, held_out = (torch.cat(list(data.shards[s])) for s in splits)
+    return train.float(), held_out.float(), f"sae stage activations, layer {params.sae_layer}"
 
 
 def synthetic_activations(d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -156,6 +156,53 @@ class Shards:
             yield torch.cat([self.load(c) for c in order[i : i + per_buffer]])
 
 
+@dataclasses.dataclass
+class TokenData:
+    """The token activations of the train split and of the held-out split, on disk."""
+
+    tokens: dict[str, list[list[int]]]
+    """Token ids per document, by split."""
+    shards: dict[str, Shards]
+    """Shards by split, outliers dropped at read time."""
+    norms: dict[str, np.ndarray]
+    """Every collected token's norm (outliers included), by split."""
+    median_norm: float
+    """Median train-token norm."""
+    max_norm: float
+    """Tokens above this norm are dropped (inf: none)."""
+
+    def clear(self) -> None:
+        for shards in self.shards.values():
+            shards.store.clear()
+
+
+def token_activations(
+    model, tokenizer, corpus, cfg: C.SAEConfig, layer: int, root: Path, key: tuple
+) -> TokenData:
+    """Collect (or resume collecting) the train and `cfg.eval_split` token activations into
+    shards under root/<split>/, keyed by everything they depend on (`key`)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    special = set(tokenizer.all_special_ids)
+    dtype = getattr(torch, cfg.dtype)
+    tokens, shards = {}, {}
+    for split in ("train", cfg.eval_split):
+        docs = corpus[corpus["split"] == split]
+        if docs.empty:
+            raise C.ConfigError(f"sae: {C.CORPUS_PATH} has no {split!r} documents")
+        tokens[split] = tokenize(tokenizer, docs["text"].tolist(), cfg.max_length)
+        plan = plan_shards([len(t) for t in tokens[split]], cfg.extract_batch, cfg.shard_tokens)
+        parts = (*key, layer, split, cfg.max_length, cfg.extract_batch, cfg.shard_tokens)
+        store = ChunkStore(root / split, fingerprint(*parts))
+        collect(model, tokens[split], special, layer, pad_id, store, plan, f"sae acts {split}")
+        shards[split] = Shards(store, len(plan), dtype)
+    norms = {split: shards[split].norms() for split in shards}
+    median = float(np.median(norms["train"]))
+    max_norm = cfg.outlier_norm * median if cfg.outlier_norm is not None else math.inf
+    for split in shards:
+        shards[split].max_norm = max_norm
+    return TokenData(tokens, shards, norms, median, max_norm)
+
+
 # --- 2. Training with checkpoints -------------------------------------------------------
 
 
@@ -258,12 +305,15 @@ def lm_loss_recovered(
     (special tokens and norm outliers keep their clean value, and are counted)."""
     device = next(model.parameters()).device
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    predicted = spliced = kept = 0
+    counts = {"predicted": 0, "spliced": 0, "kept": 0}
 
-    def swap(fn):
+    def swap(fn, count: bool):
         def replace(h_ND: torch.Tensor) -> torch.Tensor:
-            outlier = (h_ND.float().norm(dim=1) > max_norm).unsqueeze(1)
-            return torch.where(outlier, h_ND, fn(h_ND).to(h_ND.dtype))
+            outlier = h_ND.float().norm(dim=1) > max_norm
+            if count:
+                counts["spliced"] += int((~outlier).sum())
+                counts["kept"] -= int((~outlier).sum())
+            return torch.where(outlier.unsqueeze(1), h_ND, fn(h_ND).to(h_ND.dtype))
 
         return replace
 
@@ -273,26 +323,23 @@ def lm_loss_recovered(
         ids, mask = ids.to(device), mask.to(device)
         specials = torch.tensor(sorted(special), dtype=ids.dtype, device=device)
         splice_BT = mask.bool() & ~torch.isin(ids, specials)
-        hidden = residual_at_layer(model, ids, mask, layer)[splice_BT].float()
-        n_out = int((hidden.norm(dim=1) > max_norm).sum())
-        spliced += int(splice_BT.sum()) - n_out
-        kept += int(mask.sum()) - int(splice_BT.sum()) + n_out
+        counts["kept"] += int(mask.sum())
         loss, n = next_token_loss(model, ids, mask)
         totals["clean"] += loss
-        predicted += n
+        counts["predicted"] += n
         for name, fn in (("sae", reconstruct), ("zero", torch.zeros_like)):
-            with splice_layer(model, layer, swap(fn), splice_BT):
+            with splice_layer(model, layer, swap(fn, count=name == "sae"), splice_BT):
                 totals[name] += next_token_loss(model, ids, mask)[0]
-    mean = {k: v / max(predicted, 1) for k, v in totals.items()}
+    mean = {k: v / max(counts["predicted"], 1) for k, v in totals.items()}
     return {
         "clean": mean["clean"],
         "sae": mean["sae"],
         "zero_ablation": mean["zero"],
         "recovered": loss_recovered(mean["clean"], mean["sae"], mean["zero"]),
         "docs": len(tokens),
-        "predicted_tokens": predicted,
-        "spliced_tokens": spliced,
-        "kept_clean_tokens": kept,
+        "predicted_tokens": counts["predicted"],
+        "spliced_tokens": counts["spliced"],
+        "kept_clean_tokens": counts["kept"],
     }
 
 
@@ -318,46 +365,22 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR, out_dir: Path = C.SAE_DI
     arch = adapt(model)
     d_sae = cfg.width(arch.d_model)
     dtype = getattr(torch, cfg.dtype)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    special = set(tokenizer.all_special_ids)
     corpus_sha = sha256_file(C.CORPUS_PATH)
     code_sha = {name: sha256_file(PACKAGE / name) for name in CODE}
 
     # 1. Token activations of the train and held-out splits, in shards.
-    split_tokens, split_shards, split_rows = {}, {}, {}
-    for split in ("train", cfg.eval_split):
-        docs = corpus[corpus["split"] == split]
-        if docs.empty:
-            raise C.ConfigError(f"sae: {C.CORPUS_PATH} has no {split!r} documents")
-        tokens = tokenize(tokenizer, docs["text"].tolist(), cfg.max_length)
-        shards = plan_shards([len(t) for t in tokens], cfg.extract_batch, cfg.shard_tokens)
-        store = ChunkStore(
-            work_root / "sae" / split,
-            fingerprint(
-                corpus_sha,
-                meta["files"],
-                layer,
-                split,
-                cfg.max_length,
-                cfg.extract_batch,
-                cfg.shard_tokens,
-                base.quantization,
-                base.compute_dtype,
-                code_sha["stages/sae.py"],
-                code_sha["models.py"],
-            ),
-        )
-        collect(model, tokens, special, layer, pad_id, store, shards, f"sae acts {split}")
-        split_tokens[split], split_shards[split], split_rows[split] = tokens, (store, shards), docs
-
-    train_norms = Shards(split_shards["train"][0], len(split_shards["train"][1]), dtype).norms()
-    median = float(np.median(train_norms))
-    max_norm = cfg.outlier_norm * median if cfg.outlier_norm is not None else math.inf
-    train_data = Shards(split_shards["train"][0], len(split_shards["train"][1]), dtype, max_norm)
-    eval_store, eval_plan = split_shards[cfg.eval_split]
-    eval_data = Shards(eval_store, len(eval_plan), dtype, max_norm)
-    eval_norms = eval_data.norms()
-    n_train = int((train_norms <= max_norm).sum())
+    key = (
+        corpus_sha,
+        meta["files"],
+        base.quantization,
+        base.compute_dtype,
+        code_sha["stages/sae.py"],
+        code_sha["models.py"],
+    )
+    data = token_activations(model, tokenizer, corpus, cfg, layer, work_root / "sae", key)
+    max_norm = data.max_norm
+    train_data, eval_data = data.shards["train"], data.shards[cfg.eval_split]
+    n_train = int((data.norms["train"] <= max_norm).sum())
     if n_train < cfg.batch_size:
         raise C.ConfigError(
             f"sae: {n_train} training tokens, fewer than sae.batch_size={cfg.batch_size}"
@@ -408,15 +431,15 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR, out_dir: Path = C.SAE_DI
 
     held_out = evaluate(sae, capped())
     train_stats = evaluate(sae, (p.to(device) for p in train_data))
-    n_docs = min(cfg.loss_docs, len(split_tokens[cfg.eval_split]))
+    n_docs = min(cfg.loss_docs, len(data.tokens[cfg.eval_split]))
     loss = (
         lm_loss_recovered(
             model,
             lambda h: sae(h.to(dtype)),
-            split_tokens[cfg.eval_split][:n_docs],
-            special,
+            data.tokens[cfg.eval_split][:n_docs],
+            set(tokenizer.all_special_ids),
             layer,
-            pad_id,
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             max_norm,
             cfg.extract_batch,
         )
@@ -450,10 +473,10 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR, out_dir: Path = C.SAE_DI
         },
         "tokens": {
             "train_available": n_train,
-            "train_outliers_dropped": int(len(train_norms) - n_train),
-            "held_out_outliers_dropped": int((eval_norms > max_norm).sum()),
+            "train_outliers_dropped": int(len(data.norms["train"]) - n_train),
+            "held_out_outliers_dropped": int((data.norms[cfg.eval_split] > max_norm).sum()),
             "outlier_max_norm": max_norm if math.isfinite(max_norm) else None,
-            "median_norm": median,
+            "median_norm": data.median_norm,
             "trained": trainer.step * cfg.batch_size,
             "epochs": trainer.step * cfg.batch_size / n_train,
         },
@@ -492,8 +515,7 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR, out_dir: Path = C.SAE_DI
     sae_plots(density.numpy(), history, metrics, C.SAE_PLOTS)
     metrics["wall_s_this_run"] = round(time.perf_counter() - started, 1)
     write_json(metrics, C.SAE_METRICS)
-    for split in split_shards:
-        split_shards[split][0].clear()
+    data.clear()
     _print_summary(metrics)
     return metrics
 
