@@ -71,15 +71,18 @@ def lint(c: Context, fix: bool = False) -> None:
 
 
 def _dvc_transfer(c: Context, verb: str, remote: str, jobs: int) -> None:
-    cmd = " ".join(
-        [f"dvc {verb}", f"-r {shlex.quote(remote)}" if remote else "", f"-j {jobs}" if jobs else ""]
-    ).split()
-    result = c.run(" ".join(cmd), warn=True, hide="stdout")
+    parts = [f"dvc {verb}"]
+    if remote:
+        parts.append(f"-r {shlex.quote(remote)}")
+    if jobs:
+        parts.append(f"-j {int(jobs)}")
+    cmd = " ".join(parts)
+    result = c.run(cmd, warn=True, hide="stdout")
     out = (result.stdout or "") + (result.stderr or "")
     if not result.ok:
         tail = "\n".join(out.strip().splitlines()[-5:])
         raise Exit(
-            f"{' '.join(cmd)} failed (exit {result.exited}):\n{tail}\n"
+            f"{cmd} failed (exit {result.exited}):\n{tail}\n"
             "Check the remote with `dvc remote list` and `invoke doctor`; an S3 remote needs "
             "`pip install -e '.[s3]'` and AWS credentials in the environment.",
             code=result.exited or 1,
