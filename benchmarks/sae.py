@@ -151,12 +151,11 @@ def main() -> int:
     ours = TopKSAE(d, d_sae, k, seed=cfg.seed)
     with torch.no_grad():
         ours.b_dec.copy_(b_dec)
-    settings = TrainSettings(
+    settings = TrainSettings.resolve(
+        ours,
         batch_size=batch,
         lr=lr,
         warmup_steps=cfg.warmup_steps,
-        max_grad_norm=1.0,
-        k_aux=d // 2,
         aux_coef=cfg.aux_coef,
         dead_tokens=cfg.dead_tokens,
     )

@@ -235,6 +235,18 @@ class TrainSettings:
     dead_tokens: int = 10_000_000
     """A latent is dead once it has not fired for this many training tokens."""
 
+    @classmethod
+    def resolve(
+        cls, sae: TopKSAE, *, lr: float | None = None, k_aux: int | None = None, **rest
+    ) -> TrainSettings:
+        """Settings with the recipe's defaults filled in: lr None is the width-scaled lr,
+        k_aux None is d_model // 2."""
+        return cls(
+            lr=lr if lr is not None else scaled_lr(sae.d_sae),
+            k_aux=k_aux if k_aux is not None else sae.d_model // 2,
+            **rest,
+        )
+
 
 class Trainer:
     """Optimizer, warmup schedule and dead-latent window of one SAE training run. Its
@@ -303,12 +315,13 @@ def fit(
     dead-latent tracker. lr None: the width-scaled recipe lr; k_aux None: d_model // 2."""
     gen = torch.Generator().manual_seed(seed)
     init_b_dec(sae, x_ND[torch.randperm(len(x_ND), generator=gen)[:gm_sample]])
-    settings = TrainSettings(
+    settings = TrainSettings.resolve(
+        sae,
         batch_size=batch_size,
-        lr=lr if lr is not None else scaled_lr(sae.d_sae),
+        lr=lr,
         warmup_steps=warmup_steps,
         max_grad_norm=max_grad_norm,
-        k_aux=k_aux if k_aux is not None else sae.d_model // 2,
+        k_aux=k_aux,
         aux_coef=aux_coef,
         dead_tokens=dead_tokens,
     )

@@ -58,7 +58,6 @@ from nla_repro.sae import (
     loss_recovered,
     next_token_loss,
     save_sae,
-    scaled_lr,
     shuffled_batches,
     splice_layer,
 )
@@ -229,12 +228,13 @@ def save_checkpoint(sae, trainer: Trainer, history: list, run: Run, tokens_per_s
 
 def train(sae: TopKSAE, train_shards: Shards, cfg: C.SAEConfig, run: Run, device) -> tuple:
     """Train (or resume) to ceil(tokens / batch_size) steps. Returns (trainer, history)."""
-    settings = TrainSettings(
+    settings = TrainSettings.resolve(
+        sae,
         batch_size=cfg.batch_size,
-        lr=cfg.lr if cfg.lr is not None else scaled_lr(sae.d_sae),
+        lr=cfg.lr,
         warmup_steps=cfg.warmup_steps,
         max_grad_norm=cfg.max_grad_norm,
-        k_aux=cfg.k_aux if cfg.k_aux is not None else sae.d_model // 2,
+        k_aux=cfg.k_aux,
         aux_coef=cfg.aux_coef,
         dead_tokens=cfg.dead_tokens,
     )
