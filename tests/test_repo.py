@@ -51,7 +51,7 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
         assert stage["cmd"] == f"python -m nla_repro {name}"
         assert f"src/nla_repro/stages/{name}.py" in stage["deps"]
         for dep in stage["deps"]:
-            assert (ROOT / dep).exists() or dep.startswith(("data/", "models/")), dep
+            assert (ROOT / dep).exists() or dep.startswith(("data/", "models/", "plots/")), dep
     outs = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s["outs"]}
     expected = {
         C.BASE_DIR,
@@ -68,6 +68,8 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
         C.EVAL_PLOTS,
         C.SAE_DIR,
         C.SAE_PLOTS,
+        C.CARDS_DIR,
+        C.CALIBRATION_PATH,
     }
     assert outs == {str(p) for p in expected}
     assert C.EVAL_ROWS.parent == C.EVAL_DIR
@@ -123,6 +125,7 @@ def test_test_task_passes_filters():
 
 def test_code_deps_in_dvc_yaml_are_the_files_checkpoints_and_chunks_hash():
     from nla_repro import trainer
+    from nla_repro.stages import card as card_stage
     from nla_repro.stages import eval as eval_stage
     from nla_repro.stages import sae as sae_stage
 
@@ -131,6 +134,6 @@ def test_code_deps_in_dvc_yaml_are_the_files_checkpoints_and_chunks_hash():
         deps = {d for d in stages[f"sft_{name}"]["deps"] if d.startswith("src/")}
         hashed = {str(p.relative_to(ROOT)) for p in trainer.code_files(name)}
         assert deps == hashed, name
-    for name, stage in (("eval", eval_stage), ("sae", sae_stage)):
+    for name, stage in (("eval", eval_stage), ("sae", sae_stage), ("card", card_stage)):
         deps = {d for d in stages[name]["deps"] if d.startswith("src/")}
         assert deps == {f"src/nla_repro/{m}" for m in stage.CODE}, name

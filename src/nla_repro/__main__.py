@@ -17,7 +17,7 @@ from nla_repro import config as C
 from nla_repro.errors import NlaError
 from nla_repro.schemas import read_parquet, schema_for
 
-STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "sae", "eval")
+STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "sae", "eval", "card")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--out", help="write rows.parquet, eval.json and plots here (default: pipeline)"
             )
+    p = sub.add_parser(
+        "release", help="stage AV/AR/SAE Hub repos under dist/<version>/ (dry run unless --push)"
+    )
+    p.add_argument("--version", required=True, help="release version, e.g. v0.1.00")
+    p.add_argument("--push", action="store_true", help="create the repos, upload and tag")
+    p.add_argument("--org", help="Hub user or organization (default: params card.org)")
+    p.add_argument("--public", action="store_true", help="create public repos (default private)")
+    p.add_argument("--params", type=Path, default=C.PARAMS_FILE, help="params file")
     p = sub.add_parser("profile", help="write params.yaml from a named profile")
     p.add_argument("name", help="profile name: " + ", ".join(C.profile_names()))
     p.add_argument("--output", type=Path, default=C.PARAMS_FILE)
@@ -79,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
             killed = platform.kill_tree(args.pid)
             print(f"killed {len(killed)} process(es): {' '.join(map(str, killed))}")
+        elif args.command == "release":
+            from nla_repro.release import release
+
+            params = C.load_params(args.params)
+            release(params, args.version, args.org, args.push, private=not args.public)
         elif args.command == "validate":
             df = read_parquet(args.path, schema_for(args.path, args.d_model))
             print(f"{args.path}: {len(df)} rows match the schema")

@@ -49,6 +49,10 @@ EVAL_PLOTS = Path("plots/eval")
 SAE_DIR = Path("models/sae")
 SAE_METRICS = Path("metrics/sae.json")
 SAE_PLOTS = Path("plots/sae")
+
+CARDS_DIR = Path("cards")
+CALIBRATION_PATH = Path("RELEASE_CALIBRATION.md")
+DIST_DIR = Path("dist")
 # Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not
 # a DVC output (DVC deletes outputs before a stage runs), and it is git- and dvc-ignored.
 WORK_DIR = Path(".nla_work")
@@ -508,6 +512,27 @@ class SAEConfig:
 
 
 @dataclass(frozen=True)
+class CardConfig:
+    license: str = "apache-2.0"
+    """License id in the cards' front matter (SmolLM2 is Apache-2.0; match your base model)."""
+    org: str = "nla-repro"
+    """Hub user or organization the cards' loading code names; `release --org` overrides it."""
+    repo_prefix: str | None = None
+    """Hub repo names are `<prefix>-av`, `-ar`, `-sae`; null: `nla-<base name>-l<layer>`."""
+    tags: list[str] = field(default_factory=list)
+    """Extra front-matter tags for all three cards."""
+
+    def validate(self, where: str) -> None:
+        name = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+        if not re.fullmatch(name, self.org):
+            raise ConfigError(f"{where}.org: {self.org!r} is not a valid Hub user/org name")
+        if self.repo_prefix is not None and not re.fullmatch(name, self.repo_prefix):
+            raise ConfigError(f"{where}.repo_prefix: {self.repo_prefix!r} is not a repo name")
+        if not self.license.strip():
+            raise ConfigError(f"{where}.license: empty")
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str = "default"
     """Name of the profile these params were materialized from."""
@@ -527,6 +552,8 @@ class Params:
     """Evaluation of an AV/AR pair (eval stage)."""
     sae: SAEConfig = field(default_factory=SAEConfig)
     """TopK sparse autoencoder on token activations (sae stage)."""
+    card: CardConfig = field(default_factory=CardConfig)
+    """Model cards and the release's Hub repo names (card stage, `release`)."""
 
     def __post_init__(self) -> None:
         n = self.ar.num_layers

@@ -1,0 +1,45 @@
+"""card stage: model cards for the AV, the AR and the SAE, and RELEASE_CALIBRATION.md.
+
+Reads `metrics/*.json`, the models' sidecars and the eval and SAE plots; writes
+`cards/{av,ar,sae}/` (README.md with YAML front matter and model-index, plus the plots it
+shows) and `RELEASE_CALIBRATION.md` at the repo root. Nothing here measures anything:
+`nla_repro.cards` lays out what the other stages measured. The "changes since the previous
+release" section reads the newest earlier version tag's committed metrics from git.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nla_repro import cards
+from nla_repro import config as C
+from nla_repro.io import write_text
+
+log = logging.getLogger(__name__)
+
+CODE = (
+    "stages/card.py",
+    "cards.py",
+    "card_templates/_common.md.j2",
+    "card_templates/av.md.j2",
+    "card_templates/ar.md.j2",
+    "card_templates/sae.md.j2",
+    "card_templates/calibration.md.j2",
+)
+
+
+def run(params: C.Params) -> None:
+    inputs = cards.read_inputs(params)
+    cards.write_cards(inputs, C.CARDS_DIR, params.card.org)
+    tag, previous = cards.previous_release()
+    write_text(cards.render_calibration(inputs, tag, previous), C.CALIBRATION_PATH)
+    ev = inputs.metrics["eval"]
+    for kind in ("av", "ar"):
+        for warning in cards.warnings_for(kind, ev):
+            log.warning("%s card: %s", kind.upper(), warning.replace("**", ""))
+    names = cards.repo_names(params, inputs.sidecars["av"]["base_model"])
+    for kind in cards.KINDS:
+        values = cards.headline_values(kind, inputs.metrics)
+        shown = ", ".join(f"{k} {cards.num(v)}" for k, v in values.items())
+        print(f"{C.CARDS_DIR / kind / 'README.md'} ({names[kind]}): {shown}")
+    print(f"{C.CALIBRATION_PATH}: previous release {tag or 'none'}")

@@ -1,0 +1,186 @@
+"""Model cards and RELEASE_CALIBRATION.md: parsed back, numbers equal to metrics, warnings."""
+
+import json
+import socket
+import subprocess
+
+import pytest
+from conftest import write_finished_pipeline
+from huggingface_hub import ModelCard
+
+from nla_repro import cards
+from nla_repro import config as C
+from nla_repro.stages import card as card_stage
+
+# The model-index numbers each card must publish, by where the stages wrote them.
+EXPECTED_PATHS = {
+    "av": {
+        "round_trip_cos": ("eval", ["round_trip", "cos", "mean"]),
+        "round_trip_fve_cen": ("eval", ["centred", "greedy", "fve_cen", "mean"]),
+        "vector_use_gap": ("eval", ["vector_use", "gap"]),
+        "unique_output_rate": ("eval", ["diversity", "unique_rate"]),
+        "empty_output_rate": ("eval", ["diversity", "empty_rate"]),
+        "identity_argmax_accuracy": ("eval", ["identity", "centred", "argmax_accuracy"]),
+    },
+    "ar": {
+        "replay_cos": ("eval", ["centred", "replay", "cos", "mean"]),
+        "replay_fve_cen": ("eval", ["centred", "replay", "fve_cen", "mean"]),
+        "explanation_share_cos": ("eval", ["ablation", "explanation_share", "cos", "mean"]),
+        "explanation_share_fve_cen": (
+            "eval",
+            ["ablation", "explanation_share", "fve_cen", "mean"],
+        ),
+        "empty_string_cos": ("eval", ["ablation", "empty", "cos", "mean"]),
+    },
+    "sae": {
+        "explained_variance": ("sae", ["explained_variance"]),
+        "l0": ("sae", ["l0"]),
+        "dead_latents": ("sae", ["latents", "dead_training_window"]),
+        "loss_recovered": ("sae", ["loss_recovered", "recovered"]),
+        "mse": ("sae", ["mse"]),
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Cards are built and parsed offline: any socket connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access while building or parsing a card")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    write_finished_pipeline(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def metric_files(root):
+    return {name: json.loads((root / p).read_text()) for name, p in cards.METRIC_FILES.items()}
+
+
+def dig(data, keys):
+    for key in keys:
+        data = data[key]
+    return data
+
+
+def test_card_stage_writes_cards_that_parse_with_model_index_equal_to_metrics(project, capsys):
+    card_stage.run(C.Params())
+    metrics = metric_files(project)
+    for kind in cards.KINDS:
+        folder = project / C.CARDS_DIR / kind
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert card.data.license == "apache-2.0"
+        assert card.data.library_name == ("saelens" if kind == "sae" else "peft")
+        published = {r.metric_type: r.metric_value for r in card.data.eval_results}
+        expected = {
+            key: dig(metrics[source], path) for key, (source, path) in EXPECTED_PATHS[kind].items()
+        }
+        assert published == expected, kind
+        assert {r.dataset_split for r in card.data.eval_results} == {"test"}
+        # Every plot the card shows is in its folder.
+        for plot in cards.CARD_PLOTS[kind]:
+            assert f"](plots/{plot.name})" in card.text
+            assert (folder / "plots" / plot.name).read_bytes() == (project / plot).read_bytes()
+    av = (project / "cards/av/README.md").read_text()
+    assert "| Vector-use gap (nats) | 0.123 | [0.108, 0.138] | 94 |" in av
+    assert "`.*layers\\.\\d+\\.(self_attn\\.(q\\|k" in av  # the regex does not split the row
+    sae = (project / "cards/sae/README.md").read_text()
+    assert "| Explained variance | 0.748 |  | 8,636 tokens |" in sae
+    calibration = (project / C.CALIBRATION_PATH).read_text()
+    assert (
+        "| round-trip cosine (raw) | 0.744 ± 0.078 | [0.729, 0.760] | 0.438 ± 0.054" in calibration
+    )
+    assert "this is the first release" in calibration
+    assert "nla-smollm2-135m-instruct-l20-av" in capsys.readouterr().out
+
+
+def test_a_changed_measurement_changes_the_card(project):
+    """Nothing in a card is typed by hand: move a number in metrics and the card follows."""
+    path = project / C.EVAL_METRICS
+    ev = json.loads(path.read_text())
+    ev["round_trip"]["cos"]["mean"] = 0.31415
+    ev["vector_use"]["gap"] = 0.4242
+    path.write_text(json.dumps(ev))
+    card_stage.run(C.Params())
+    card = ModelCard.load(project / "cards/av/README.md")
+    published = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert published["round_trip_cos"] == 0.31415 and published["vector_use_gap"] == 0.4242
+    assert "| Round trip cos(v, AR(AV(v))), raw | 0.314 |" in card.text
+    assert "| vector-use gap (nats) | 0.424 |" in (project / C.CALIBRATION_PATH).read_text()
+
+
+def test_content_blind_ar_says_so_at_the_top_of_both_nla_cards(project):
+    path = project / C.EVAL_METRICS
+    ev = json.loads(path.read_text())
+    ev["verdicts"]["content_blind"] = True
+    ev["verdict_evidence"]["content_blind"] = "raw 0.0010 [-0.002, 0.004]"
+    path.write_text(json.dumps(ev))
+    card_stage.run(C.Params())
+    for kind in ("av", "ar"):
+        text = ModelCard.load(project / f"cards/{kind}/README.md").text
+        warning = text.index("This AR is content-blind")
+        assert warning < text.index("## How to load") and warning < 400
+        assert "raw 0.0010 [-0.002, 0.004]" in text
+    assert "content-blind" not in (project / "cards/sae/README.md").read_text()
+    assert "## Failure modes detected" in (project / C.CALIBRATION_PATH).read_text()
+
+
+def test_a_reading_ar_carries_no_warning(project):
+    card_stage.run(C.Params())
+    for kind in cards.KINDS:
+        assert "[!WARNING]" not in (project / f"cards/{kind}/README.md").read_text()
+    assert "## Failure modes detected" not in (project / C.CALIBRATION_PATH).read_text()
+
+
+def test_missing_input_names_the_file_and_writes_nothing(project):
+    (project / C.SAE_METRICS).unlink()
+    with pytest.raises(cards.CardError, match=r"metrics/sae\.json: not found"):
+        card_stage.run(C.Params())
+    assert not (project / C.CARDS_DIR).exists()
+    (project / C.SAE_METRICS).write_text("{}")
+    (project / C.EVAL_PLOTS / "identity.png").unlink()
+    with pytest.raises(cards.CardError, match=r"plots/eval/identity\.png: not found"):
+        card_stage.run(C.Params())
+    assert not (project / C.CARDS_DIR).exists()
+
+
+def test_repo_names_follow_base_layer_and_prefix():
+    params = C.Params()
+    assert cards.repo_names(params, "google/gemma-4-E2B")["sae"] == "nla-gemma-4-e2b-l20-sae"
+    named = C.params_from_dict({"card": {"repo_prefix": "smol-nla"}})
+    assert cards.repo_names(named, "x/y") == {k: f"smol-nla-{k}" for k in cards.KINDS}
+    with pytest.raises(C.ConfigError, match=r"card\.org"):
+        C.params_from_dict({"card": {"org": "bad org/name"}})
+
+
+def git(root, *args):
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def test_calibration_compares_with_the_previous_release_tag(project):
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1")
+    git(project, "tag", "v0.1.00")
+    assert cards.previous_release(project)[0] is None  # the tag is at HEAD: this release
+    path = project / C.SAE_METRICS
+    sae = json.loads(path.read_text())
+    old = sae["explained_variance"]
+    sae["explained_variance"] = old + 0.05
+    path.write_text(json.dumps(sae))
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "better sae")
+    git(project, "tag", "not-a-version")
+    tag, previous = cards.previous_release(project)
+    assert tag == "v0.1.00" and previous["sae"]["explained_variance"] == old
+    card_stage.run(C.Params())
+    text = (project / C.CALIBRATION_PATH).read_text()
+    assert "Against `v0.1.00`" in text
+    assert f"| SAE | Explained variance | {old:.3f} | {old + 0.05:.3f} | +0.050 |" in text
+    assert "| AV | Vector-use gap (nats) | 0.123 | 0.123 | +0.000 |" in text
