@@ -104,6 +104,31 @@ def pull(c: Context, remote: str = "", jobs: int = 0) -> None:
     _dvc_transfer(c, "pull", remote, jobs)
 
 
+@task(
+    help={
+        "version": "release version, e.g. v0.1.00 (a git and Hub tag; never moved)",
+        "push": "create or reuse the Hub repos, upload each folder in one commit and tag it",
+        "org": "Hub user or organization (default: params card.org)",
+        "public": "create public repos (default: private)",
+    }
+)
+def release(c: Context, version: str, push: bool = False, org: str = "", public: bool = False):
+    """Stage the AV, AR and SAE Hub repos under dist/<version>/ with their generated cards.
+
+    Dry run by default: checks that git and `dvc status` are clean, stages the folders and
+    prints the plan (repo ids, files, sizes, hashes). The token comes from HF_TOKEN or your
+    `huggingface-cli login` and is never printed.
+    """
+    args = ["python -m nla_repro release", f"--version {shlex.quote(version)}"]
+    if org:
+        args.append(f"--org {shlex.quote(org)}")
+    if push:
+        args.append("--push")
+    if public:
+        args.append("--public")
+    c.run(" ".join(args))
+
+
 @task
 def doctor(c: Context) -> None:
     """Check the machine: versions, CUDA, VRAM, bitsandbytes, DVC remotes, disk (one table)."""

@@ -268,7 +268,7 @@ def test_invoke_list_reads_like_a_manual():
         [sys.executable, "-m", "invoke", "--list"], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    expected = "setup repro test lint pull push docker-build docker-run doctor kill lock"
+    expected = "setup repro test lint pull push docker-build docker-run doctor kill lock release"
     for name in expected.split():
         assert re.search(rf"^\s+{name}\s+\S", done.stdout, re.M), f"{name} missing or without help"
     helped = subprocess.run(
