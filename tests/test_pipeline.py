@@ -10,12 +10,21 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
+from conftest import files_under, listed_files
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from nla_repro import config as C
 from nla_repro.__main__ import STAGES
+from nla_repro.cards import KINDS
 from nla_repro.evaluation import compute_metrics
+from nla_repro.nla import load_ar
 from nla_repro.plots import CSV_NAMES
+from nla_repro.sae import load_sae
 from nla_repro.schemas import CORPUS, LABELS, activations_schema, read_parquet
 from nla_repro.stages.eval import read_rows
 
@@ -117,6 +126,14 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     sae_cfg = json.loads((repo / C.SAE_DIR / "cfg.json").read_text())
     assert sae_cfg["metadata"]["hook_name"] == "blocks.20.hook_resid_post"
     assert plots["models/sae/train_curve.csv"] and plots["plots/sae/density.csv"]
+    # Cards: the last stage; their model-index is the metrics just measured.
+    assert ran[-1] == "card"
+    av_card = ModelCard.load(repo / C.CARDS_DIR / "av/README.md")
+    published = {r.metric_type: r.metric_value for r in av_card.data.eval_results}
+    assert published["vector_use_gap"] == metrics["vector_use"]["gap"]
+    sae_card = ModelCard.load(repo / C.CARDS_DIR / "sae/README.md")
+    assert {r.metric_type: r.metric_value for r in sae_card.data.eval_results}["l0"] == sae["l0"]
+    assert "first release" in (repo / C.CALIBRATION_PATH).read_text()
 
     second = run(["dvc", "repro"], repo)
     assert stages_run(second) == []
@@ -126,7 +143,7 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = pd.read_parquet(repo / C.CORPUS_PATH)
     third = run(["dvc", "repro"], repo)
-    assert sorted(stages_run(third)) == ["eval", "extract", "sae", "sft_ar", "sft_av"]
+    assert sorted(stages_run(third)) == ["card", "eval", "extract", "sae", "sft_ar", "sft_av"]
     sae_cfg = json.loads((repo / C.SAE_DIR / "cfg.json").read_text())
     assert sae_cfg["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
     assert yaml.safe_load((repo / C.ACTIVATIONS_META).read_text())["layer"] == 12
@@ -154,6 +171,35 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     assert (clone / C.SAE_DIR / "sae_weights.safetensors").read_bytes() == (
         repo / C.SAE_DIR / "sae_weights.safetensors"
     ).read_bytes()
+
+    # Release dry run of the committed pipeline: the plan lists exactly what is staged.
+    planned = run(["python", "-m", "nla_repro", "release", "--version", "v0.0.01"], repo)
+    dist = repo / C.DIST_DIR / "v0.0.01"
+    listed = listed_files(planned)
+    assert sorted(listed) == sorted(f"nla-repro/nla-smollm2-135m-instruct-l12-{k}" for k in KINDS)
+    for repo_id, files in listed.items():
+        assert files == files_under(dist / repo_id.rsplit("-", 1)[1]), repo_id
+    # The released folders load back: PEFT on the AV folder, the AR with its head, the SAE.
+    base = AutoModelForCausalLM.from_pretrained(repo / C.BASE_DIR)
+    peft_av = PeftModel.from_pretrained(base, dist / "av")
+    assert peft_av.peft_config["default"].r == 4
+    ar = load_ar(dist / "ar", repo / C.BASE_DIR)
+    assert ar.predict(["<explanation>a test</explanation>"]).shape == (1, 576)
+    head = load_file(repo / C.AR_DIR / "head.safetensors")
+    assert all(torch.equal(ar.head.state_dict()[k], v) for k, v in head.items())
+    sae_model, sae_cfg = load_sae(dist / "sae")
+    assert sae_cfg["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
+    assert torch.equal(sae_model.W_dec, load_sae(repo / C.SAE_DIR)[0].W_dec)
+    # ... and the eval stage evaluates them by path to the pipeline's own numbers.
+    out = tmp_path / "released_eval"
+    evaluate = ["python", "-m", "nla_repro", "eval", "--av", str(dist / "av"), "--ar"]
+    run([*evaluate, str(dist / "ar"), "--out", str(out)], repo)
+    released = json.loads((out / "eval.json").read_text())
+    pipeline = json.loads((repo / C.EVAL_METRICS).read_text())
+    assert released["models"]["av"]["path"] == str(dist / "av")
+    for key in ("round_trip", "vector_use", "ablation", "diversity"):
+        assert released[key] == pipeline[key], key
+    assert run(["git", "status", "--porcelain"], repo) == ""
 
     # A queued sweep: two SAE widths of k run as DVC experiments; only the sae stage reruns.
     for k in (2, 4):
