@@ -92,7 +92,7 @@ def test_card_stage_writes_cards_that_parse_with_model_index_equal_to_metrics(pr
     assert "| Vector-use gap (nats) | 0.123 | [0.108, 0.138] | 94 |" in av
     assert "`.*layers\\.\\d+\\.(self_attn\\.(q\\|k" in av  # the regex does not split the row
     sae = (project / "cards/sae/README.md").read_text()
-    assert "| Explained variance | 0.748 |  | 8,636 tokens |" in sae
+    assert "| Explained variance | 0.748 | 8,636 tokens | 0 (predict the mean) |" in sae
     calibration = (project / C.CALIBRATION_PATH).read_text()
     assert (
         "| round-trip cosine (raw) | 0.744 ± 0.078 | [0.729, 0.760] | 0.438 ± 0.054" in calibration

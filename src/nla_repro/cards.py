@@ -489,7 +489,7 @@ def sae_table(sae: dict) -> list[dict]:
     loss = sae.get("loss_recovered") or {}
     lat = sae.get("latents", {})
     n = f"{num(sae.get('n_tokens'))} tokens"
-    rows = [
+    return [
         {
             "name": "Explained variance",
             "value": num(sae.get("explained_variance")),
@@ -536,7 +536,6 @@ def sae_table(sae: dict) -> list[dict]:
             "baseline": "",
         },
     ]
-    return [{"ci": "", **row} for row in rows]
 
 
 def card_context(kind: str, inputs: CardInputs, repo_id: str, version: str | None) -> dict:
