@@ -221,7 +221,7 @@ def _render(name: str, **context: Any) -> str:
     return env.get_template(name).render(**context)
 
 
-def _eval_results(kind: str, inputs: CardInputs, model_name: str) -> list[EvalResult]:
+def _eval_results(kind: str, inputs: CardInputs) -> list[EvalResult]:
     sidecar = inputs.sidecars[kind]
     split = inputs.params.sae.eval_split if kind == "sae" else inputs.params.eval.split
     task = {
@@ -540,6 +540,7 @@ def sae_table(sae: dict) -> list[dict]:
 
 def card_context(kind: str, inputs: CardInputs, repo_id: str, version: str | None) -> dict:
     ev, meta = inputs.metrics["eval"], inputs.sidecars[kind]
+    training = training_rows(kind, inputs)
     names = repo_names(inputs.params, meta["base_model"])
     org = repo_id.split("/")[0]
     return {
@@ -553,8 +554,8 @@ def card_context(kind: str, inputs: CardInputs, repo_id: str, version: str | Non
         "d_model": meta["d_model"],
         "profile": inputs.params.profile,
         "warnings": warnings_for(kind, ev),
-        "training": training_rows(kind, inputs),
-        "training_dict": dict(training_rows(kind, inputs)),
+        "training": training,
+        "training_dict": dict(training),
         "eval_rows": eval_table(kind, ev) if kind != "sae" else sae_table(inputs.metrics["sae"]),
         "eval_n": ev.get("n"),
         "eval_split": inputs.params.eval.split,
@@ -592,7 +593,7 @@ def render_card(kind: str, inputs: CardInputs, org: str, version: str | None = N
         pipeline_tag={"av": "text-generation", "ar": "feature-extraction"}.get(kind),
         tags=tags,
         datasets=datasets,
-        eval_results=_eval_results(kind, inputs, name),
+        eval_results=_eval_results(kind, inputs),
     )
     context = card_context(kind, inputs, f"{org}/{name}", version)
     return ModelCard(_render(f"{kind}.md.j2", card_data=data.to_yaml(), **context))
