@@ -129,26 +129,15 @@ def preflight(version: str, root: Path | str = ".") -> str:
     return commit
 
 
-def _release_meta(
-    kind: str,
-    sidecar: dict,
-    version: str,
-    commit: str,
-    repos: dict,
-    inputs: cards.CardInputs,
-    root: Path,
-) -> dict:
-    parquets = {str(p): sha256_file(root / p) for p in INPUT_PARQUETS if (root / p).exists()}
+def _release_meta(kind: str, sidecar: dict, repos: dict, record: dict, headline: dict) -> dict:
     return {
         **sidecar,
         "release": {
-            "version": version,
+            "version": record["version"],
             "repo_id": repos[kind],
             "pair": {k: v for k, v in repos.items() if k != kind},
-            "git_commit": commit,
-            "dvc_lock_sha256": sha256_file(root / "dvc.lock"),
-            "inputs_sha256": parquets,
-            "headline": cards.headline_values(kind, inputs.metrics),
+            **{k: v for k, v in record.items() if k != "version"},
+            "headline": headline,
         },
     }
 
@@ -170,6 +159,15 @@ def stage(
     repos = {kind: f"{org}/{name}" for kind, name in names.items()}
     out = Path(dist) if dist is not None else root / C.DIST_DIR / version
     plan = Plan(version, commit, private, repos)
+    # Hashed once for all three folders (the parquets can be large).
+    record = {
+        "version": version,
+        "git_commit": commit,
+        "dvc_lock_sha256": sha256_file(root / "dvc.lock"),
+        "inputs_sha256": {
+            str(p): sha256_file(root / p) for p in INPUT_PARQUETS if (root / p).exists()
+        },
+    }
     with atomic_path(out) as tmp:
         cards.write_cards(inputs, tmp / "cards", org, version)
         for kind in cards.KINDS:
@@ -188,20 +186,20 @@ def stage(
                     json.dumps(config, indent=2, sort_keys=True) + "\n",
                     folder / "adapter_config.json",
                 )
-            meta = _release_meta(kind, inputs.sidecars[kind], version, commit, repos, inputs, root)
+            headline = cards.headline_values(kind, inputs.metrics)
+            meta = _release_meta(kind, inputs.sidecars[kind], repos, record, headline)
             write_yaml(meta, folder / "nla_meta.yaml")
             files = sorted(p for p in folder.rglob("*") if p.is_file())
-            sums = [(p.relative_to(folder).as_posix(), sha256_file(p)) for p in files]
-            write_text("".join(f"{h}  {p}\n" for p, h in sums), folder / SUMS)
+            staged = [
+                StagedFile(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p))
+                for p in files
+            ]
+            write_text("".join(f"{f.sha256}  {f.path}\n" for f in staged), folder / SUMS)
+            sums = folder / SUMS
+            staged.append(StagedFile(SUMS, sums.stat().st_size, sha256_file(sums)))
+            plan.files[kind] = sorted(staged, key=lambda f: f.path)
+            plan.folders[kind] = out / kind
         (tmp / "cards").rmdir()
-    for kind in cards.KINDS:
-        folder = out / kind
-        plan.folders[kind] = folder
-        plan.files[kind] = [
-            StagedFile(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p))
-            for p in sorted(folder.rglob("*"))
-            if p.is_file()
-        ]
     return plan
 
 

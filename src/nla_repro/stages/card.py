@@ -34,9 +34,10 @@ def run(params: C.Params) -> None:
     tag, previous = cards.previous_release()
     write_text(cards.render_calibration(inputs, tag, previous), C.CALIBRATION_PATH)
     ev = inputs.metrics["eval"]
-    for kind in ("av", "ar"):
-        for warning in cards.warnings_for(kind, ev):
-            log.warning("%s card: %s", kind.upper(), warning.replace("**", ""))
+    # The content-blind warning heads both NLA cards; log it once.
+    warnings = dict.fromkeys(w for kind in ("av", "ar") for w in cards.warnings_for(kind, ev))
+    for warning in warnings:
+        log.warning("card: %s", warning.replace("**", ""))
     names = cards.repo_names(params, inputs.sidecars["av"]["base_model"])
     for kind in cards.KINDS:
         values = cards.headline_values(kind, inputs.metrics)
