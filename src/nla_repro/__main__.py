@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from nla_repro import config as C
@@ -18,6 +19,28 @@ from nla_repro.errors import NlaError
 from nla_repro.schemas import read_parquet, schema_for
 
 STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "sae", "eval", "card")
+
+
+def record_stage_time(stage: str, profile: str, started: float) -> None:
+    """Append the wall time of a finished stage to STAGE_TIMES (kept out of every DVC output:
+    a timing in a tracked file would change its hash on every rebuild)."""
+    import json
+    import platform
+
+    import torch
+
+    row = {
+        "stage": stage,
+        "profile": profile,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_s": round(time.time() - started, 2),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    C.STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
+    with C.STAGE_TIMES.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             params = C.load_params(args.params)
             stage = importlib.import_module(f"nla_repro.stages.{args.command}")
+            started = time.time()
             if args.command == "eval":
                 stage.run(params, av_path=args.av, ar_path=args.ar, out_dir=args.out)
             else:
                 stage.run(params)
+            record_stage_time(args.command, params.profile, started)
     except NlaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -56,6 +56,8 @@ DIST_DIR = Path("dist")
 # Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not
 # a DVC output (DVC deletes outputs before a stage runs), and it is git- and dvc-ignored.
 WORK_DIR = Path(".nla_work")
+STAGE_TIMES = WORK_DIR / "stage_times.jsonl"
+"""One JSON line per finished stage run: stage, profile, start, wall seconds, host."""
 
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
