@@ -184,3 +184,105 @@ def test_calibration_compares_with_the_previous_release_tag(project):
     assert "Against `v0.1.00`" in text
     assert f"| SAE | Explained variance | {old:.3f} | {old + 0.05:.3f} | +0.050 |" in text
     assert "| AV | Vector-use gap (nats) | 0.123 | 0.123 | +0.000 |" in text
+
+
+def set_path(data: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        data = data[part]
+    data[last] = value
+
+
+def test_quality_targets_are_met_only_at_their_bars(project):
+    ev = json.loads((project / C.EVAL_METRICS).read_text())
+    at_bars = {
+        "n": 50,
+        "vector_use.gap": 0.3,
+        "ablation.explanation_share.cos.mean": 0.10,
+        "ablation.explanation_share.cos.ci95": [0.01, 0.2],
+        "ablation.explanation_share.fve_cen.mean": 0.10,
+        "ablation.explanation_share.fve_cen.ci95": [0.01, 0.2],
+        "identity.centred.argmax_accuracy": 0.20,
+        "diversity.unique_rate": 0.90,
+        "diversity.empty_rate": 0.02,
+        "centred.random_floor.fve_cen": 0.5,
+        "centred.greedy.fve_cen.ci95": [0.501, 0.6],
+    }
+    for path, value in at_bars.items():
+        set_path(ev, path, value)
+    assert [r["met"] for r in cards.target_rows(ev)] == ["yes"] * len(cards.QUALITY_TARGETS)
+    just_missed = {
+        "n": 49,
+        "vector_use.gap": 0.299,
+        "ablation.explanation_share.cos.mean": 0.099,
+        # the mean clears the bar but its interval reaches 0: not met
+        "ablation.explanation_share.fve_cen.ci95": [-0.01, 0.2],
+        "identity.centred.argmax_accuracy": 0.199,
+        "diversity.unique_rate": 0.899,
+        "diversity.empty_rate": 0.021,
+        # the mean is above the floor but the interval is not
+        "centred.greedy.fve_cen.ci95": [0.499, 0.6],
+    }
+    for path, value in just_missed.items():
+        set_path(ev, path, value)
+    rows = cards.target_rows(ev)
+    assert [r["met"] for r in rows] == ["NO"] * len(cards.QUALITY_TARGETS)
+    assert rows[4]["value"] == "19.9%" and rows[4]["target"] == ">= 20.0%"
+    del ev["identity"]
+    assert cards.target_rows(ev)[4]["met"] == "n/a"
+
+
+def test_summary_table_lists_every_headline_and_target(project):
+    inputs = cards.read_inputs(C.Params())
+    names = cards.repo_names(C.Params(), "HuggingFaceTB/SmolLM2-135M-Instruct")
+    text = card_stage.summary(inputs, names)
+    for kind in cards.KINDS:
+        for h in cards.HEADLINES[kind]:
+            value = cards.num(cards.lookup(inputs.metrics[h.source], h.path))
+            assert any(
+                h.name in line and line.rstrip().endswith(value) for line in text.splitlines()
+            )
+    for row in cards.target_rows(inputs.metrics["eval"]):
+        line = next(line for line in text.splitlines() if line.startswith(row["name"]))
+        assert line.split()[-1] == row["met"]
+
+
+def test_calibration_shows_the_lever_sweep_of_its_own_profile_only(project):
+    levers = {
+        "profile": "default",
+        "label_mode": "source_text",
+        "commit": "abc1234",
+        "date_utc": "2026-12-02",
+        "machine": "x86_64, 2 threads, torch 2.13.0",
+        "steps": 60,
+        "levers": [
+            {
+                "name": "av:embed_norm",
+                "model": "av",
+                "what": "injection at the mean embedding norm",
+                "overrides": {"injection_scale": "embed_norm"},
+                "train_rows": 300,
+                "steps": 60,
+                "val": [
+                    {"step": 0, "val_loss": 3.0, "vector_use_gap": 0.001},
+                    {"step": 60, "val_loss": 2.5, "vector_use_gap": 0.0123},
+                ],
+                "tokens_per_s_median": 100.0,
+                "wall_s": 321.0,
+            }
+        ],
+    }
+    (project / C.LEVERS_PATH).parent.mkdir(parents=True, exist_ok=True)
+    (project / C.LEVERS_PATH).write_text(json.dumps(levers))
+    card_stage.run(C.Params())
+    text = (project / C.CALIBRATION_PATH).read_text()
+    assert (
+        "| `av:embed_norm` | injection at the mean embedding norm | vector_use_gap 0: +0.001, "
+        "60: +0.012 | 2.500 | 300 | 321 |" in text
+    )
+    levers["profile"] = "smoke"
+    (project / C.LEVERS_PATH).write_text(json.dumps(levers))
+    card_stage.run(C.Params())
+    text = (project / C.CALIBRATION_PATH).read_text()
+    assert "`av:embed_norm`" not in text
+    assert "was run on profile `smoke`" in text

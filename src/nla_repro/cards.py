@@ -123,6 +123,99 @@ REFERENCE = {
 }
 
 
+@dataclass(frozen=True)
+class Target:
+    """A quality bar the embedded default's NLA is held to (issue 9); the card reports each
+    as met or missed with the measured value, never hides a miss."""
+
+    name: str
+    """What is measured, as the summary table prints it."""
+    path: str
+    """Dotted path of the value in metrics/eval.json."""
+    op: str
+    """">=" or "<=" against `threshold`; ">" compares with the value at `threshold_path`."""
+    threshold: float | None = None
+    threshold_path: str | None = None
+    """A baseline measured in the same eval (e.g. the random floor) instead of a constant."""
+    ci_path: str | None = None
+    """Its 95% interval, which must lie above 0 where `ci_above_zero`."""
+    ci_above_zero: bool = False
+    percent: bool = False
+    """Shown as a percentage (rates)."""
+
+
+QUALITY_TARGETS: tuple[Target, ...] = (
+    Target("held-out rows evaluated (n)", "n", ">=", 50),
+    Target("AV vector-use gap (nats)", "vector_use.gap", ">=", 0.3, ci_path="vector_use.ci95"),
+    Target(
+        "AR on AV output minus empty string, raw cos",
+        "ablation.explanation_share.cos.mean",
+        ">=",
+        0.10,
+        ci_path="ablation.explanation_share.cos.ci95",
+        ci_above_zero=True,
+    ),
+    Target(
+        "AR on AV output minus empty string, centred fve_cen",
+        "ablation.explanation_share.fve_cen.mean",
+        ">=",
+        0.10,
+        ci_path="ablation.explanation_share.fve_cen.ci95",
+        ci_above_zero=True,
+    ),
+    Target(
+        "cross-row identity argmax accuracy (centred)",
+        "identity.centred.argmax_accuracy",
+        ">=",
+        0.20,
+        percent=True,
+    ),
+    Target("unique greedy outputs", "diversity.unique_rate", ">=", 0.90, percent=True),
+    Target(
+        "empty outputs (scored, in every denominator)",
+        "diversity.empty_rate",
+        "<=",
+        0.02,
+        percent=True,
+    ),
+    Target(
+        "centred round trip fve_cen vs random floor",
+        "centred.greedy.fve_cen.mean",
+        ">",
+        threshold_path="centred.random_floor.fve_cen",
+        ci_path="centred.greedy.fve_cen.ci95",
+    ),
+)
+
+
+def target_rows(ev: dict) -> list[dict]:
+    """Each quality target with the measured value, its interval, the bar and whether it is met
+    (None where the eval did not measure it)."""
+    rows = []
+    for t in QUALITY_TARGETS:
+        value = lookup(ev, t.path)
+        bar = lookup(ev, t.threshold_path) if t.threshold_path else t.threshold
+        ci = lookup(ev, t.ci_path) if t.ci_path else None
+        met = None
+        if isinstance(value, int | float) and isinstance(bar, int | float):
+            met = {">=": value >= bar, "<=": value <= bar, ">": value > bar}[t.op]
+            if t.op == ">" and ci:
+                met = ci[0] > bar  # above the floor means its whole interval is
+            if t.ci_above_zero:
+                met = met and bool(ci) and ci[0] > 0
+        show = pct if t.percent else num
+        rows.append(
+            {
+                "name": t.name,
+                "value": show(value),
+                "ci": interval(ci),
+                "target": f"{t.op} {show(bar)}" + (", CI > 0" if t.ci_above_zero else ""),
+                "met": {True: "yes", False: "NO", None: "n/a"}[met],
+            }
+        )
+    return rows
+
+
 class CardError(NlaError):
     """A card input (metrics file, sidecar, plot) is missing or unreadable."""
 
@@ -171,6 +264,8 @@ class CardInputs:
     metrics: dict[str, dict]
     sidecars: dict[str, dict]
     root: Path
+    levers: dict | None = None
+    """benchmarks/levers.json when it exists (the lever sweep RELEASE_CALIBRATION.md shows)."""
 
 
 def read_inputs(params: C.Params, root: Path | str = ".") -> CardInputs:
@@ -190,7 +285,9 @@ def read_inputs(params: C.Params, root: Path | str = ".") -> CardInputs:
         if not file.exists():
             raise CardError(f"{file}: not found (run `dvc repro` or `dvc pull`)")
         sidecars[kind] = yaml.safe_load(file.read_text())
-    return CardInputs(params, metrics, sidecars, root)
+    levers_file = root / C.LEVERS_PATH
+    levers = json.loads(levers_file.read_text()) if levers_file.exists() else None
+    return CardInputs(params, metrics, sidecars, root, levers)
 
 
 def repo_names(params: C.Params, base_model: str) -> dict[str, str]:
@@ -560,6 +657,7 @@ def card_context(kind: str, inputs: CardInputs, repo_id: str, version: str | Non
         "eval_n": ev.get("n"),
         "eval_split": inputs.params.eval.split,
         "verdicts": _verdicts(ev),
+        "targets": target_rows(ev),
         "judge": ev.get("judge"),
         "plots": [p.name for p in CARD_PLOTS[kind]],
         "sft": inputs.metrics.get(f"sft_{kind}", {}),
@@ -683,5 +781,30 @@ def render_calibration(inputs: CardInputs, previous_tag: str | None, previous: d
         "av_warnings": warnings_for("av", ev),
         "pipeline_commit": inputs.sidecars["av"].get("git_commit"),
         "ar_rows": eval_table("ar", ev),
+        "levers": lever_rows(inputs.levers),
+        "levers_meta": inputs.levers,
+        "levers_path": C.LEVERS_PATH.as_posix(),
     }
     return _render("calibration.md.j2", **context)
+
+
+def lever_rows(levers: dict | None) -> list[dict]:
+    """One row per lever run: the validation gap it reached at each validation step."""
+    rows = []
+    for run in (levers or {}).get("levers", []):
+        key = "vector_use_gap" if run["model"] == "av" else "content_gap"
+        curve = ", ".join(f"{v['step']}: {v[key]:+.3f}" for v in run["val"])
+        last = run["val"][-1] if run["val"] else {}
+        loss = last.get("val_loss" if run["model"] == "av" else "val_mse")
+        rows.append(
+            {
+                "name": run["name"],
+                "what": run["what"],
+                "gap_name": key,
+                "curve": curve,
+                "loss": num(loss),
+                "rows": run["train_rows"],
+                "wall_s": num(run["wall_s"], 0),
+            }
+        )
+    return rows

@@ -52,6 +52,8 @@ SAE_PLOTS = Path("plots/sae")
 
 CARDS_DIR = Path("cards")
 CALIBRATION_PATH = Path("RELEASE_CALIBRATION.md")
+LEVERS_PATH = Path("benchmarks/levers.json")
+"""Written by benchmarks/levers.py (short training runs, one lever moved each); committed."""
 DIST_DIR = Path("dist")
 # Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not
 # a DVC output (DVC deletes outputs before a stage runs), and it is git- and dvc-ignored.

@@ -215,9 +215,14 @@ def _dvc_remotes(dvc_dir: Path) -> list[tuple[str, str]]:
     return sorted(found.items())
 
 
-def format_table(rows: list[tuple[str, str, str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)
+def format_table(rows: list[tuple]) -> str:
+    """Rows of cells as aligned plain-text columns (the first row is usually the header)."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+        for r in cells
+    )
 
 
 def configure_commands(system: str | None = None) -> list[list[str]]:

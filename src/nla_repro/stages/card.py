@@ -14,6 +14,7 @@ import logging
 from nla_repro import cards
 from nla_repro import config as C
 from nla_repro.io import write_text
+from nla_repro.platform import format_table
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,23 @@ def run(params: C.Params) -> None:
     for warning in warnings:
         log.warning("card: %s", warning.replace("**", ""))
     names = cards.repo_names(params, inputs.sidecars["av"]["base_model"])
-    for kind in cards.KINDS:
-        values = cards.headline_values(kind, inputs.metrics)
-        shown = ", ".join(f"{k} {cards.num(v)}" for k, v in values.items())
-        print(f"{C.CARDS_DIR / kind / 'README.md'} ({names[kind]}): {shown}")
+    print(summary(inputs, names))
     print(f"{C.CALIBRATION_PATH}: previous release {tag or 'none'}")
+
+
+def summary(inputs: cards.CardInputs, names: dict[str, str]) -> str:
+    """The closing table of a `dvc repro`: every card's headline numbers, then the quality
+    targets of the NLA with the measured value and whether it is met."""
+    rows = [("card", "metric", "value")]
+    for kind in cards.KINDS:
+        card = f"{C.CARDS_DIR / kind / 'README.md'} ({names[kind]})"
+        for h in cards.HEADLINES[kind]:
+            rows.append((card, h.name, cards.num(cards.lookup(inputs.metrics[h.source], h.path))))
+            card = ""
+    targets = [("quality target", "value", "95% CI", "target", "met")] + [
+        (r["name"], r["value"], r["ci"], r["target"], r["met"])
+        for r in cards.target_rows(inputs.metrics["eval"])
+    ]
+    return "\n\n".join(
+        ["Headline numbers", format_table(rows), "NLA quality targets", format_table(targets)]
+    )
