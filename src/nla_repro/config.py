@@ -113,17 +113,18 @@ class CorpusConfig:
     families: list[str] = field(default_factory=lambda: list(GENERATED_FAMILIES))
     """Source families the base model writes from the topic prompts in
     nla_repro/prompts/corpus_families.yaml (empty list: none)."""
-    docs_per_family: int = 48
+    docs_per_family: int = 16
     """Documents generated per family."""
-    max_new_tokens: int = 80
-    """Length cap of one generated document, in tokens."""
+    max_new_tokens: int = 32
+    """Length cap of one generated document, in tokens (generation is the corpus stage's cost;
+    more than extract.max_length is never read by the NLA)."""
     temperature: float = 0.9
     """Sampling temperature of the generator."""
     top_p: float = 0.95
     """Nucleus sampling mass of the generator."""
     gen_batch_size: int = 16
     """Prompts generated together (left-padded)."""
-    pydoc_docs: int = 160
+    pydoc_docs: int = 640
     """Paragraphs of CPython's pydoc_data topics (human-written prose) to include; 0: none."""
     files: list[str] = field(default_factory=list)
     """Extra jsonl or parquet files; rows need a text column (doc_id, source_family optional)."""
@@ -172,8 +173,10 @@ class ExtractConfig:
     """Positions per document when positions is random."""
     min_offset: int = 8
     """Random positions are drawn from [min_offset, n_tokens)."""
-    max_length: int = 128
-    """Documents are truncated to this many tokens."""
+    max_length: int = 24
+    """Documents are truncated to this many tokens (the vector is read at the last one; with
+    label mode source_text the truncated text is also the NLA's target, so a short window is
+    what a single vector can carry)."""
     batch_size: int = 16
     """Documents per forward pass."""
     padding_side: Literal["right", "left"] = "right"
@@ -197,9 +200,11 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class LabelConfig:
-    mode: Literal["two-pass", "single-pass", "source_text"] = "two-pass"
+    mode: Literal["two-pass", "single-pass", "source_text"] = "source_text"
     """two-pass: labeler then auditor; single-pass: labeler only; source_text: the target is
-    the source text itself (as the extractor saw it), no LLM."""
+    the source text itself (as the extractor saw it), no LLM. The embedded default uses
+    source_text: the local 135M labeler costs seconds per row on a CPU and its labels left the
+    AV near-blind (see RELEASE_CALIBRATION.md); use two-pass with a provider for explanations."""
     backend: Literal["local", "anthropic", "openai", "gemini", "gemini-cli"] = "local"
     """Who writes the labels: the base model offline, a provider SDK, or the gemini CLI."""
     labeler_model: str | None = None
@@ -300,7 +305,7 @@ class TrainConfig:
     """Rows per forward/backward pass."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    max_steps: int = 150
+    max_steps: int = 100
     """Optimizer steps."""
     save_interval: int = 50
     """A checkpoint every this many steps (and at max_steps)."""
@@ -311,7 +316,7 @@ class TrainConfig:
     """Validation every this many steps (and at step 0 and max_steps)."""
     val_rows: int = 64
     """Validation rows used (first rows of the val split; 0: all)."""
-    max_length: int = 192
+    max_length: int = 64
     """Token cap of one training sequence."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (memory for time)."""
@@ -358,6 +363,11 @@ class AVConfig(TrainConfig):
     """Learned prefix embeddings after the projected vector (kind prefix)."""
     prompt: str = "av.v1"
     """Versioned AV prompt in nla_repro/prompts/ (holds the marker slot)."""
+    lr: float = 5e-4
+    """Peak learning rate (the AV's default is higher than the AR's: at 2e-4 the embedded
+    default's AV read the vector 6x less after 25 steps, see RELEASE_CALIBRATION.md)."""
+    min_lr: float = 5e-5
+    """Floor of the cosine/linear schedules; the step schedule's second rate."""
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -390,19 +400,19 @@ class EvalConfig:
     """Held-out split whose labeled rows are evaluated."""
     pool_split: Literal["train", "val", "test"] = "val"
     """Held-out pool whose mean `mu` centres the cosines (not the evaluated split)."""
-    rows: int = 0
+    rows: int = 64
     """Evaluate the first this many rows of the split (0: all)."""
-    samples: int = 4
+    samples: int = 2
     """Sampled explanations per row besides the greedy one (the best-of-K curve; 0: none)."""
     temperature: float = 1.0
     """Sampling temperature of the K samples."""
-    max_new_tokens: int = 96
+    max_new_tokens: int = 32
     """Length cap of an AV explanation."""
     batch_size: int = 16
     """Rows per AV generate call (x samples), texts per AR forward."""
     chunk_rows: int = 16
     """Rows per restart-safe chunk: an interrupted eval resumes after the last finished one."""
-    paraphrases: int = 2
+    paraphrases: int = 1
     """Paraphrases of each source label for the paraphrase ceiling (0: no ceiling)."""
     paraphrase_temperature: float = 0.9
     """Sampling temperature of the paraphraser (the judge backend)."""
@@ -411,8 +421,9 @@ class EvalConfig:
     offline, a provider (keys from the environment), or none."""
     judge_model: str | None = None
     """Provider model name of the judge (local: the base model)."""
-    judge_rows: int = 0
-    """Judge the first this many evaluated rows (0: all)."""
+    judge_rows: int = 32
+    """Judge the first this many evaluated rows (0: all). The local 135M judge costs a third
+    of the default's eval time and is a weak instrument: a sample of 32 shows it works."""
     n_boot: int = 2000
     """Bootstrap resamples of every 95% interval."""
     seed: int = 0
