@@ -9,7 +9,7 @@ adds the full eval of an earlier commit's default (e.g. the two-pass local label
 git. Writes `benchmarks/levers.json` (temporary name, then renamed), which the card stage
 renders into RELEASE_CALIBRATION.md; prints the JSON. Logs go to stderr.
 
-    python benchmarks/levers.py --steps 60 --compare-rev 0a0d4e1
+    python benchmarks/levers.py --compare-rev 0a0d4e1
     python benchmarks/levers.py --only av:default,av:lr_x5     # a subset
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from nla_repro import config as C
-from nla_repro.io import write_json
+from nla_repro.io import sha256_file, write_json
 from nla_repro.models import load_base
 from nla_repro.nla import build_ar
 from nla_repro.stages.sft_av import build_av
@@ -49,8 +49,7 @@ LEVERS: dict[str, tuple[str, dict, float, str]] = {
         1.0,
         "injection at the mean embedding norm instead of the raw vector",
     ),
-    "av:lr_div4": ("av", {"lr_div": 4}, 1.0, "learning rate / 4"),
-    "av:lr_x4": ("av", {"lr_mul": 4}, 1.0, "learning rate x 4"),
+    "av:lr_div2.5": ("av", {"lr_div": 2.5}, 1.0, "learning rate / 2.5"),
     "av:r4_attention": (
         "av",
         {"lora_r": 4, "lora_alpha": 8.0, "target_modules": ATTENTION_ONLY},
@@ -65,11 +64,10 @@ LEVERS: dict[str, tuple[str, dict, float, str]] = {
         1.0,
         "AR LoRA r=4 on attention only",
     ),
-    "ar:lr_x4": ("ar", {"lr_mul": 4}, 1.0, "AR learning rate x 4"),
 }
 
 
-def lever_config(cfg: C.TrainConfig, overrides: dict, steps: int) -> C.TrainConfig:
+def lever_config(cfg: C.TrainConfig, overrides: dict, steps: int, val_rows: int) -> C.TrainConfig:
     """The stage's config with one lever moved, shortened to `steps` (validation at a third,
     two thirds and the end; one checkpoint at the end)."""
     changes = {k: v for k, v in overrides.items() if k not in ("lr_mul", "lr_div")}
@@ -83,13 +81,14 @@ def lever_config(cfg: C.TrainConfig, overrides: dict, steps: int) -> C.TrainConf
         "save_interval": steps,
         "release_step": 0,
         "warmup_steps": min(cfg.warmup_steps, steps // 4),
+        "val_rows": val_rows,
     }
     return dataclasses.replace(cfg, **changes)
 
 
-def run_lever(params: C.Params, name: str, steps: int, out_root: Path) -> dict:
+def run_lever(params: C.Params, name: str, steps: int, val_rows: int, out_root: Path) -> dict:
     kind, overrides, fraction, what = LEVERS[name]
-    cfg = lever_config(getattr(params, kind), overrides, steps)
+    cfg = lever_config(getattr(params, kind), overrides, steps, val_rows)
     params = dataclasses.replace(params, **{kind: cfg})
     model, tokenizer = load_base(
         C.BASE_DIR, params.base.quantization, params.base.compute_dtype, params.base.device
@@ -170,7 +169,8 @@ def from_git(rev: str) -> dict:
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per lever")
+    parser.add_argument("--steps", type=int, default=36, help="optimizer steps per lever")
+    parser.add_argument("--val-rows", type=int, default=32, help="validation rows per pass")
     parser.add_argument("--only", help="comma-separated lever names: " + ", ".join(LEVERS))
     parser.add_argument("--compare-rev", help="git revision of an earlier default to include")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -182,7 +182,7 @@ def main() -> dict:
         parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
     params = C.load_params()
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
     ).stdout.strip()
     result = {
         "profile": params.profile,
@@ -191,13 +191,15 @@ def main() -> dict:
         "date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "inputs_sha256": {str(p): sha256_file(p) for p in (C.LABELS_PATH, C.ACTIVATIONS_PATH)},
         "steps": args.steps,
+        "val_rows": args.val_rows,
         "levers": [],
     }
     with tempfile.TemporaryDirectory(prefix="levers-") as tmp:
         for name in names:
             log.info("lever %s", name)
-            result["levers"].append(run_lever(params, name, args.steps, Path(tmp)))
+            result["levers"].append(run_lever(params, name, args.steps, args.val_rows, Path(tmp)))
     if args.compare_rev:
         result["earlier_default"] = from_git(args.compare_rev)
     write_json(result, args.out)

@@ -89,13 +89,19 @@ def test_card_stage_writes_cards_that_parse_with_model_index_equal_to_metrics(pr
             assert f"](plots/{plot.name})" in card.text
             assert (folder / "plots" / plot.name).read_bytes() == (project / plot).read_bytes()
     av = (project / "cards/av/README.md").read_text()
-    assert "| Vector-use gap (nats) | 0.123 | [0.108, 0.138] | 94 |" in av
+    vu = metrics["eval"]["vector_use"]
+    lo, hi = vu["ci95"]
+    assert f"| Vector-use gap (nats) | {vu['gap']:.3f} | [{lo:.3f}, {hi:.3f}] | {vu['n']} |" in av
     assert "`.*layers\\.\\d+\\.(self_attn\\.(q\\|k" in av  # the regex does not split the row
     sae = (project / "cards/sae/README.md").read_text()
-    assert "| Explained variance | 0.748 | 8,636 tokens | 0 (predict the mean) |" in sae
+    ev_sae, n_tok = metrics["sae"]["explained_variance"], metrics["sae"]["n_tokens"]
+    assert f"| Explained variance | {ev_sae:.3f} | {n_tok:,} tokens | 0 (predict the mean) |" in sae
     calibration = (project / C.CALIBRATION_PATH).read_text()
+    rt = metrics["eval"]["round_trip"]["cos"]
+    lo, hi = rt["ci95"]
     assert (
-        "| round-trip cosine (raw) | 0.744 ± 0.078 | [0.729, 0.760] | 0.438 ± 0.054" in calibration
+        f"| round-trip cosine (raw) | {rt['mean']:.3f} ± {rt['std']:.3f} | [{lo:.3f}, {hi:.3f}] "
+        "| 0.438 ± 0.054" in calibration
     )
     assert "this is the first release" in calibration
     assert "nla-smollm2-135m-instruct-l20-av" in capsys.readouterr().out
@@ -183,7 +189,8 @@ def test_calibration_compares_with_the_previous_release_tag(project):
     text = (project / C.CALIBRATION_PATH).read_text()
     assert "Against `v0.1.00`" in text
     assert f"| SAE | Explained variance | {old:.3f} | {old + 0.05:.3f} | +0.050 |" in text
-    assert "| AV | Vector-use gap (nats) | 0.123 | 0.123 | +0.000 |" in text
+    gap = json.loads((project / C.EVAL_METRICS).read_text())["vector_use"]["gap"]
+    assert f"| AV | Vector-use gap (nats) | {gap:.3f} | {gap:.3f} | +0.000 |" in text
 
 
 def set_path(data: dict, path: str, value) -> None:
@@ -280,6 +287,11 @@ def test_calibration_shows_the_lever_sweep_of_its_own_profile_only(project):
         "| `av:embed_norm` | injection at the mean embedding norm | vector_use_gap 0: +0.001, "
         "60: +0.012 | 2.500 | 300 | 321 |" in text
     )
+    assert "not this build's" in text  # the sweep recorded no input hashes
+    levers["inputs_sha256"] = {"x": "y"}  # the sidecars' (conftest)
+    (project / C.LEVERS_PATH).write_text(json.dumps(levers))
+    card_stage.run(C.Params())
+    assert "not this build's" not in (project / C.CALIBRATION_PATH).read_text()
     levers["profile"] = "smoke"
     (project / C.LEVERS_PATH).write_text(json.dumps(levers))
     card_stage.run(C.Params())

@@ -783,6 +783,9 @@ def render_calibration(inputs: CardInputs, previous_tag: str | None, previous: d
         "ar_rows": eval_table("ar", ev),
         "levers": lever_rows(inputs.levers),
         "levers_meta": inputs.levers,
+        # Whether the sweep trained on this build's labels and activations (by sha256).
+        "levers_same_inputs": (inputs.levers or {}).get("inputs_sha256")
+        == inputs.sidecars["av"].get("inputs_sha256"),
         "levers_path": C.LEVERS_PATH.as_posix(),
     }
     return _render("calibration.md.j2", **context)
