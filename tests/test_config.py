@@ -29,7 +29,9 @@ def test_every_profile_materializes_and_round_trips():
 def test_smoke_profile_is_smaller_than_default():
     smoke, default = C.materialize_profile("smoke"), C.Params()
     assert smoke.corpus.docs_per_family < default.corpus.docs_per_family
-    assert smoke.extract.max_length < default.extract.max_length
+    assert smoke.corpus.pydoc_docs < default.corpus.pydoc_docs
+    assert smoke.av.max_steps < default.av.max_steps and smoke.ar.max_steps < default.ar.max_steps
+    assert smoke.sae.tokens < default.sae.tokens
     assert smoke.extract.layer == default.extract.layer == 20
 
 

@@ -78,7 +78,10 @@ def setup_label_repo(root: Path, texts: list[str] | None = None) -> None:
 
 def label_params(**overrides) -> C.Params:
     cfg = replace(
-        C.LabelConfig(max_new_tokens=8, batch_size=4, chunk_size=3, max_attempts=2), **overrides
+        C.LabelConfig(
+            mode="two-pass", max_new_tokens=8, batch_size=4, chunk_size=3, max_attempts=2
+        ),
+        **overrides,
     )
     extract = replace(C.ExtractConfig(), max_length=16)
     return replace(
