@@ -656,6 +656,7 @@ class StageScript:
 
 def write_params(server: ScriptedServer, provider: str = "openai", **label) -> None:
     settings = {
+        "mode": "two-pass",
         "backend": provider,
         "labeler_model": "lab-model",
         "auditor_model": "aud-model",
@@ -669,7 +670,13 @@ def write_params(server: ScriptedServer, provider: str = "openai", **label) -> N
         "quota_wait_s": 0.001,
     }
     cfg = C.LabelConfig(**(settings | label))
-    params = replace(C.Params(), base=replace(C.BaseConfig(), device="cpu"), label=cfg)
+    params = replace(
+        C.Params(),
+        base=replace(C.BaseConfig(), device="cpu"),
+        label=cfg,
+        # the scripted server answers by the whole text: no cut at the default's 24 tokens
+        extract=replace(C.ExtractConfig(), max_length=128),
+    )
     C.PARAMS_FILE.write_text(C.dump_params(params))
 
 

@@ -31,6 +31,7 @@ from nla_repro.stages.eval import read_rows
 ROOT = Path(__file__).resolve().parents[1]
 REPO_FILES = [
     "dvc.yaml",
+    "benchmarks/levers.json",  # a dep of the card stage
     ".dvcignore",
     ".gitignore",
     ".gitattributes",
