@@ -119,7 +119,7 @@ def run_lever(params: C.Params, name: str, steps: int, val_rows: int, out_root: 
         "train_rows": keep,
         "steps": steps,
         "val": curve,
-        "tokens_per_s_median": metrics["tokens_per_s_median"],
+        "tokens_per_s_median": metrics["timing"]["tokens_per_s_median"],
         "wall_s": round(time.perf_counter() - started, 1),
     }
 

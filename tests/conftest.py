@@ -232,7 +232,7 @@ def write_finished_pipeline(root: Path) -> None:
         "quantization": "none",
         "compute_dtype": "float32",
         "normalization": "norm(v) = v * sqrt(d) / ||v|| (fp32)",
-        "git_commit": "0123456789abcdef0123456789abcdef01234567",
+        "code_commit": "0123456789abcdef0123456789abcdef01234567",
     }
     nla = {"position_rule": "last", "label_mode": "two-pass", "inputs_sha256": {"x": "y"}}
     sidecars = {
@@ -295,3 +295,10 @@ def listed_files(output: str) -> dict[str, set[str]]:
 
 def files_under(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def tree_sha256(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path: what DVC hashes of an output folder."""
+    return {
+        str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()
+    }

@@ -1,3 +1,5 @@
+import subprocess
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -5,6 +7,7 @@ import pytest
 from nla_repro.io import (
     ChunkStore,
     atomic_path,
+    code_commit,
     fingerprint,
     sha256_file,
     vectors_from_table,
@@ -64,3 +67,37 @@ def test_fingerprint_and_sha256(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert sha256_file(tmp_path / "f") == expected
+
+
+def test_code_commit_follows_the_code_not_results_commits(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "README.md").write_text("results\n")
+    git("add", "-A")
+    git("commit", "-qm", "no code yet")
+    assert code_commit(tmp_path) == git("rev-parse", "HEAD")  # no code commit: HEAD
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/stage.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    code = git("rev-parse", "HEAD")
+    (tmp_path / "dvc.lock").write_text("hashes\n")
+    git("add", "-A")
+    git("commit", "-qm", "record results")
+    assert git("rev-parse", "HEAD") != code and code_commit(tmp_path) == code
+    (tmp_path / "dvc.lock").write_text("other hashes\n")  # results edits are not code edits
+    assert code_commit(tmp_path) == code
+    (tmp_path / "src/stage.py").write_text("x = 2\n")
+    assert code_commit(tmp_path) == code + "-dirty"
+    assert code_commit(tmp_path / "src").startswith(code)  # from inside the repo too
+    outside = tmp_path.parent / f"{tmp_path.name}-not-a-repo"
+    outside.mkdir()
+    assert code_commit(outside) is None

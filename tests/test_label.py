@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import save_model_dir, slow_stage_script, tiny_llama, write_corpus
 
 from nla_repro import config as C
 from nla_repro.__main__ import main
+from nla_repro.io import sha256_file
 from nla_repro.schemas import LABELS, read_parquet
 from nla_repro.stages import label
 from nla_repro.templates import (
@@ -97,7 +99,9 @@ def test_local_backend_labels_the_corpus_offline(in_tmp):
     assert labels["doc_id"].tolist() == corpus["doc_id"].tolist()  # every row once, in order
     assert summary["n_rows"] == len(corpus)
     assert summary["accepted"] + summary["corrected"] + summary["rejected"] == len(corpus)
+    timing = summary.pop("timing")  # for stage_times.jsonl, not for the metrics file
     assert json.loads(C.LABEL_METRICS_PATH.read_text()) == summary
+    assert timing["llm_latency_s_total"] > 0 and "latency_s" not in labels.columns
     for row in labels.itertuples():
         if row.status == "accepted":
             assert parse_explanation(row.explanation).ok and row.verdict == "accept"
@@ -189,3 +193,15 @@ def test_raising_max_rows_reuses_whole_chunks_and_labels_the_rest(in_tmp, monkey
     corpus = pd.read_parquet(C.CORPUS_PATH)
     assert labels["doc_id"].tolist() == corpus["doc_id"].tolist()[:7]
     assert second["n_rows"] == 7 and asked == [2]  # only the third chunk (rows 6..7) is new
+
+
+def test_local_labels_are_byte_identical_when_rebuilt_from_scratch(in_tmp):
+    # Sampling is seeded per chunk and no clock reading reaches labels.parquet or the label
+    # metrics, so DVC's hash of a rebuild equals the committed one.
+    setup_label_repo(in_tmp)
+    label.run(label_params())
+    first = (sha256_file(C.LABELS_PATH), C.LABEL_METRICS_PATH.read_bytes())
+    shutil.rmtree(C.LABEL_CHUNKS_DIR)
+    C.LABELS_PATH.unlink()
+    label.run(label_params())
+    assert (sha256_file(C.LABELS_PATH), C.LABEL_METRICS_PATH.read_bytes()) == first

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_MODELS, save_model_dir, write_corpus
+from conftest import TINY_MODELS, save_model_dir, tree_sha256, write_corpus
 
 from nla_repro import config as C
 from nla_repro.__main__ import main
@@ -149,7 +149,9 @@ def test_sae_stage_end_to_end_writes_a_folder_saelens_loads(in_tmp, tokenizer):
     metrics = sae_stage.run(stage_params())
 
     saved = json.loads(C.SAE_METRICS.read_text())
+    timing = metrics.pop("timing")  # returned for stage_times.jsonl, never written to an output
     assert saved == json.loads(json.dumps(metrics))
+    assert timing["tokens_per_s_median"] > 0 and "tokens_per_s" not in str(saved)
     assert 0 < saved["l0"] <= 4 and saved["latents"]["d_sae"] == 64
     assert saved["tokens"]["trained"] == 20 * 32  # ceil(640 / 32) steps
     loss = saved["loss_recovered"]
@@ -179,8 +181,8 @@ def test_sae_stage_end_to_end_writes_a_folder_saelens_loads(in_tmp, tokenizer):
 def test_killed_sae_training_resumes_to_the_same_weights(in_tmp, monkeypatch):
     setup_stage_repo(in_tmp)
     sae_stage.run(stage_params())
-    clean = (C.SAE_DIR / "sae_weights.safetensors").read_bytes()
-    clean_metrics = json.loads(C.SAE_METRICS.read_text())
+    clean, clean_plots = tree_sha256(C.SAE_DIR), tree_sha256(C.SAE_PLOTS)
+    clean_metrics = C.SAE_METRICS.read_bytes()
     shutil.rmtree(C.SAE_DIR)
 
     calls = {"n": 0}
@@ -207,8 +209,11 @@ def test_killed_sae_training_resumes_to_the_same_weights(in_tmp, monkeypatch):
     monkeypatch.setattr(sae_stage.Trainer, "train_step", counted)
     resumed = sae_stage.run(stage_params())
     assert calls["n"] == 10  # steps 11..20 only
-    assert (C.SAE_DIR / "sae_weights.safetensors").read_bytes() == clean
-    assert resumed["explained_variance"] == clean_metrics["explained_variance"]
+    # Every byte of the DVC outputs equal (weights, checkpoints, curve, sidecar, metrics, plots):
+    # nothing in them depends on the clock or on having been interrupted.
+    assert tree_sha256(C.SAE_DIR) == clean and tree_sha256(C.SAE_PLOTS) == clean_plots
+    assert C.SAE_METRICS.read_bytes() == clean_metrics
+    assert resumed["explained_variance"] == json.loads(clean_metrics)["explained_variance"]
 
 
 def test_changed_params_do_not_resume_a_stale_checkpoint(in_tmp):

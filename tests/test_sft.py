@@ -18,7 +18,7 @@ import peft
 import pytest
 import torch
 import yaml
-from conftest import save_model_dir, tiny_llama, write_corpus
+from conftest import save_model_dir, tiny_llama, tree_sha256, write_corpus
 from safetensors.torch import load_file
 
 from nla_repro import config as C
@@ -192,7 +192,7 @@ def test_loading_refuses_a_changed_prompt(repo, monkeypatch):
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(repo, stage, out):
     params = sft_params(av={"lora_dropout": 0.1}, ar={"lora_dropout": 0.1})
     assert run_stage(stage, params) == 0
-    full = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    full, full_metrics = tree_sha256(out), C.SFT_METRICS[stage[4:]].read_bytes()
     shutil.rmtree(out)
     # Crash right after the step-4 checkpoint, as a kill would.
     save = trainer.save_checkpoint
@@ -217,9 +217,15 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(repo, stage, out):
     finally:
         trainer.BatchOrder.__call__ = real
     assert min(calls) == 4 * params.av.grad_accum  # steps 1..4 were not redone
-    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == full
+    # Every byte equal: weights, optimizer and RNG state, curves, history, sidecar, metrics.
+    # A clock value (tokens/s, wall time) in any of them would break DVC's hashes per rebuild.
+    assert tree_sha256(out) == full
+    assert C.SFT_METRICS[stage[4:]].read_bytes() == full_metrics
     train = pd.read_csv(out / "train_curve.csv")
     assert train["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    times = [json.loads(line) for line in C.STAGE_TIMES.read_text().splitlines()]
+    assert [t["stage"] for t in times] == [stage, stage]  # the crashed run recorded nothing
+    assert times[-1]["steps_this_run"] == 2 and times[-1]["tokens_per_s_median"] > 0
 
 
 def test_changed_training_code_discards_stale_checkpoints(repo, monkeypatch):

@@ -21,9 +21,10 @@ from nla_repro.schemas import read_parquet, schema_for
 STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "sae", "eval", "card")
 
 
-def record_stage_time(stage: str, profile: str, started: float) -> None:
-    """Append the wall time of a finished stage to STAGE_TIMES (kept out of every DVC output:
-    a timing in a tracked file would change its hash on every rebuild)."""
+def record_stage_time(stage: str, profile: str, started: float, timing: dict | None) -> None:
+    """Append the wall time of a finished stage, and the training throughput it reports as
+    `timing`, to STAGE_TIMES (kept out of every DVC output: a timing in a tracked file would
+    change its hash on every rebuild)."""
     import json
     import platform
 
@@ -37,6 +38,7 @@ def record_stage_time(stage: str, profile: str, started: float) -> None:
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        **(timing or {}),
     }
     C.STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
     with C.STAGE_TIMES.open("a") as f:
@@ -123,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             stage = importlib.import_module(f"nla_repro.stages.{args.command}")
             started = time.time()
             if args.command == "eval":
-                stage.run(params, av_path=args.av, ar_path=args.ar, out_dir=args.out)
+                result = stage.run(params, av_path=args.av, ar_path=args.ar, out_dir=args.out)
             else:
-                stage.run(params)
-            record_stage_time(args.command, params.profile, started)
+                result = stage.run(params)
+            timing = result.get("timing") if isinstance(result, dict) else None
+            record_stage_time(args.command, params.profile, started, timing)
     except NlaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

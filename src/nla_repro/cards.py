@@ -779,7 +779,7 @@ def render_calibration(inputs: CardInputs, previous_tag: str | None, previous: d
         "names": repo_names(inputs.params, inputs.sidecars["av"]["base_model"]),
         "ar_warnings": warnings_for("ar", ev),
         "av_warnings": warnings_for("av", ev),
-        "pipeline_commit": inputs.sidecars["av"].get("git_commit"),
+        "pipeline_commit": inputs.sidecars["av"].get("code_commit"),
         "ar_rows": eval_table("ar", ev),
         "levers": lever_rows(inputs.levers),
         "levers_meta": inputs.levers,

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,26 @@ def write_yaml(data: Any, path: Path | str) -> None:
     write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), path)
 
 
+def _interned(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return type(obj)((_interned(k), _interned(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_interned(v) for v in obj)
+    return obj
+
+
+def save_torch_state(state: Any, path: Path | str) -> None:
+    """torch.save of optimizer / trainer state (tensors and plain containers), byte-equal for
+    equal state. Pickle memoizes by object identity: a key like "step" is one object when the
+    optimizer made it and another when a resumed run read it back, which changes the bytes and
+    DVC's hash. Interning every string makes equal strings one object either way."""
+    import torch
+
+    torch.save(_interned(state), path)
+
+
 def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -73,22 +94,27 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def git_commit(cwd: Path | str = ".") -> str | None:
-    """HEAD commit of the repo the stage runs in, with '-dirty' when tracked files changed."""
+# Pathspecs from the repo root, so the answer does not depend on the directory asked from.
+CODE_PATHS = (":(top)src", ":(top)pyproject.toml")
+
+
+def code_commit(cwd: Path | str = ".") -> str | None:
+    """Newest commit that changed the package code (src/, pyproject.toml) in the repo the stage
+    runs in, with '-dirty' when that code has uncommitted changes; HEAD where no commit touched
+    it. Unlike HEAD it stays put across a commit that only records results (dvc.lock, metrics,
+    README), so rebuilding that commit writes the same sidecars and the same hashes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = git("log", "-1", "--format=%H", "--", *CODE_PATHS) or git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head + ("-dirty" if dirty else "")
+    return commit + ("-dirty" if dirty else "")
 
 
 def vectors_to_arrow(vectors_ND: np.ndarray) -> pa.FixedSizeListArray:

@@ -55,14 +55,12 @@ LABELS = pa.DataFrameSchema(
         "attempts": pa.Column("int64", pa.Check.ge(0)),
         "input_tokens": pa.Column("int64", pa.Check.ge(0)),
         "output_tokens": pa.Column("int64", pa.Check.ge(0)),
-        "latency_s": pa.Column(float, pa.Check.ge(0)),
         "mode": pa.Column(str, pa.Check.isin(("two-pass", "single-pass", "source_text"))),
         "backend": pa.Column(str),
         "labeler_model": pa.Column(str),
         "auditor_model": pa.Column(str),
         "labeler_prompt_sha256": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{64}$")),
         "auditor_prompt_sha256": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{64}$")),
-        "created_at": pa.Column(str),
     },
     checks=[
         pa.Check(

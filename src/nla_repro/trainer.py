@@ -30,8 +30,9 @@ from tqdm import tqdm
 from nla_repro import config as C
 from nla_repro.io import (
     atomic_path,
+    code_commit,
     fingerprint,
-    git_commit,
+    save_torch_state,
     sha256_file,
     write_json,
     write_text,
@@ -216,6 +217,7 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"sft_{run.name}", unit="step")
     module.train()
     started = time.perf_counter()
+    rates: list[float] = []  # tokens/s of this run's steps: timing stays out of the outputs
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
         loss_sum, tokens = 0.0, 0
@@ -235,8 +237,9 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
+        rates.append(rate)
         loss = loss_sum / cfg.grad_accum
-        history["train"].append({"step": done, "loss": loss, "lr": lr, "tokens_per_s": rate})
+        history["train"].append({"step": done, "loss": loss, "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
         is_checkpoint = done % cfg.save_interval == 0 or done == cfg.max_steps
@@ -246,10 +249,16 @@ def train(
             save_checkpoint(model, optimizer, scheduler, history, run, done, optimizer_name)
         accelerator.wait_for_everyone()
     bar.close()
-    wall = time.perf_counter() - started
+    timing = {
+        "steps_this_run": len(rates),
+        "tokens_per_s_median": sorted(rates)[len(rates) // 2] if rates else None,
+        "train_wall_s": round(time.perf_counter() - started, 1),
+    }
     if not accelerator.is_main_process:
         return {}
-    return publish(run, cfg, history, optimizer_name, len(train_texts), len(val_texts), wall)
+    return publish(run, cfg, history, optimizer_name, len(train_texts), len(val_texts)) | {
+        "timing": timing
+    }
 
 
 def _meta(run: Run, step: int, history: dict, optimizer_name: str) -> dict:
@@ -261,7 +270,7 @@ def _meta(run: Run, step: int, history: dict, optimizer_name: str) -> dict:
         "train_loss": loss[0] if loss else None,
         "validation": val[0] if val else None,
         "optimizer": optimizer_name,
-        "git_commit": git_commit(),
+        "code_commit": code_commit(),
         "fingerprint": run.fingerprint,
     }
 
@@ -274,7 +283,7 @@ def save_checkpoint(model, optimizer, scheduler, history, run: Run, step: int, o
     with atomic_path(final) as tmp:
         tmp.mkdir()
         model.save(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_torch_state(optimizer.state_dict(), tmp / "optimizer.pt")
         state = {
             "step": step,
             "scheduler": scheduler.state_dict(),
@@ -282,7 +291,7 @@ def save_checkpoint(model, optimizer, scheduler, history, run: Run, step: int, o
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(state, tmp / "trainer_state.pt")
+        save_torch_state(state, tmp / "trainer_state.pt")
         (tmp / "history.json").write_text(json.dumps(history))
         write_yaml(_meta(run, step, history, opt_name), tmp / "nla_meta.yaml")
     for other in (run.out_dir / CHECKPOINTS).glob("step_*"):
@@ -297,10 +306,10 @@ def publish(
     optimizer_name: str,
     n_train: int,
     n_val: int,
-    wall_s: float,
 ) -> dict:
     """Copy the release checkpoint's weights and sidecar to the top of run.out_dir, write the
-    loss curves for `dvc plots`, and the summary metrics."""
+    loss curves for `dvc plots`, and the summary metrics. Nothing here depends on the clock, so
+    equal inputs give byte-equal outputs."""
     step = cfg.released_step
     source = checkpoint_dir(run, step)
     for path in source.iterdir():
@@ -310,7 +319,6 @@ def publish(
     write_text(_curves_csv(history["train"]), run.out_dir / "train_curve.csv")
     write_text(_curves_csv(history["val"]), run.out_dir / "val_curve.csv")
     val_at = {v["step"]: v for v in history["val"]}
-    rates = [t["tokens_per_s"] for t in history["train"]]
     metrics = {
         "released_step": step,
         "max_steps": cfg.max_steps,
@@ -322,8 +330,6 @@ def publish(
         ),
         "val_at_release": val_at.get(step),
         "val_at_start": val_at.get(0),
-        "tokens_per_s_median": sorted(rates)[len(rates) // 2] if rates else None,
-        "wall_s_this_run": round(wall_s, 1),
     }
     write_json(metrics, run.metrics_path)
     return metrics

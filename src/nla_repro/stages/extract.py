@@ -24,8 +24,8 @@ from tqdm import tqdm
 from nla_repro import config as C
 from nla_repro.io import (
     ChunkStore,
+    code_commit,
     fingerprint,
-    git_commit,
     sha256_file,
     vectors_from_table,
     vectors_to_arrow,
@@ -205,7 +205,7 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR) -> dict:
         "n_docs": len(corpus),
         "mean_norm": stats["mean_norm"],
         "inputs_sha256": {str(C.CORPUS_PATH): corpus_sha},
-        "git_commit": git_commit(),
+        "code_commit": code_commit(),
         "torch": str(torch.__version__),
         "python": platform.python_version(),
     }

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import random
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -224,7 +223,6 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
                     "auditor_model": [auditor_model] * len(part),
                     "labeler_prompt_sha256": [labeler_t.sha256] * len(part),
                     "auditor_prompt_sha256": [auditor_t.sha256] * len(part),
-                    "created_at": [datetime.now(UTC).isoformat(timespec="seconds")] * len(part),
                 }
             )
             store.write(c, table)
@@ -240,7 +238,16 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
         bar.close()
 
     done = [c for c in range(len(chunks)) if store.done(c)]
-    labels = store.read(done).to_pandas().iloc[:n_wanted] if done else pd.DataFrame()
+    chunks_table = store.read(done) if done else None
+    # labels.parquet gets the schema's columns only, so equal labels make an equal file: the
+    # per-call latency (a clock reading) stays in the chunks and goes to stage_times.jsonl,
+    # and the `created_at` of chunks from older versions is dropped.
+    labels = (
+        chunks_table.select(list(LABELS.columns)).to_pandas().iloc[:n_wanted]
+        if chunks_table is not None
+        else pd.DataFrame()
+    )
+    latency = chunks_table.column("latency_s").to_pylist()[:n_wanted] if chunks_table else []
     labels = validate(labels.reset_index(drop=True), LABELS, C.LABELS_PATH)
     summary = summarize(labels, cfg, n_selected, cost, stopped_by, labeler_model, auditor_model)
     write_parquet(pa.Table.from_pandas(labels, preserve_index=False), C.LABELS_PATH)
@@ -254,7 +261,8 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
         summary["estimated_cost_usd"],
         summary["rejection_reasons"] or "none",
     )
-    return summary
+    timing = {"llm_latency_s_total": round(sum(latency), 2)} if cfg.mode != "source_text" else {}
+    return summary | {"timing": timing}
 
 
 def summarize(labels, cfg, n_selected, cost, stopped_by, labeler_model, auditor_model) -> dict:

@@ -37,8 +37,9 @@ from nla_repro import config as C
 from nla_repro.io import (
     ChunkStore,
     atomic_path,
+    code_commit,
     fingerprint,
-    git_commit,
+    save_torch_state,
     sha256_file,
     vectors_from_table,
     vectors_to_arrow,
@@ -213,7 +214,7 @@ def save_checkpoint(sae, trainer: Trainer, history: list, run: Run, tokens_per_s
     with atomic_path(final) as tmp:
         tmp.mkdir()
         save_sae(sae, tmp, {})
-        torch.save(trainer.state_dict(), tmp / STATE_FILE)
+        save_torch_state(trainer.state_dict(), tmp / STATE_FILE)
         (tmp / "history.json").write_text(json.dumps(history))
         meta = {
             "step": trainer.step,
@@ -227,7 +228,9 @@ def save_checkpoint(sae, trainer: Trainer, history: list, run: Run, tokens_per_s
 
 
 def train(sae: TopKSAE, train_shards: Shards, cfg: C.SAEConfig, run: Run, device) -> tuple:
-    """Train (or resume) to ceil(tokens / batch_size) steps. Returns (trainer, history)."""
+    """Train (or resume) to ceil(tokens / batch_size) steps. Returns (trainer, history, rates):
+    rates are this run's tokens/s per logging window, kept out of history so that the
+    checkpoints and curves do not depend on the clock."""
     settings = TrainSettings.resolve(
         sae,
         batch_size=cfg.batch_size,
@@ -266,6 +269,7 @@ def train(sae: TopKSAE, train_shards: Shards, cfg: C.SAEConfig, run: Run, device
         desc="sae train",
     )
     window_t0, window_tokens = time.perf_counter(), 0
+    rates: list[float] = []
     while trainer.step < steps:
         x = next(batches).to(device)
         info = trainer.train_step(x)
@@ -274,6 +278,7 @@ def train(sae: TopKSAE, train_shards: Shards, cfg: C.SAEConfig, run: Run, device
         done = trainer.step
         if done % cfg.log_every == 0 or done == steps:
             rate = window_tokens / max(time.perf_counter() - window_t0, 1e-9)
+            rates.append(rate)
             dead = int(trainer.dead.dead.sum())
             history.append(
                 {
@@ -283,7 +288,6 @@ def train(sae: TopKSAE, train_shards: Shards, cfg: C.SAEConfig, run: Run, device
                     "aux": info["aux"],
                     "lr": info["lr"],
                     "dead": dead,
-                    "tokens_per_s": rate,
                 }
             )
             bar.set_postfix(fvu=f"{info['fvu']:.3f}", dead=dead, tok_s=f"{rate:.0f}")
@@ -291,7 +295,7 @@ def train(sae: TopKSAE, train_shards: Shards, cfg: C.SAEConfig, run: Run, device
         if done % cfg.checkpoint_every == 0 or done == steps:
             save_checkpoint(sae, trainer, history, run, cfg.batch_size)
     bar.close()
-    return trainer, history
+    return trainer, history, rates
 
 
 # --- 3. Metrics -------------------------------------------------------------------------
@@ -356,7 +360,6 @@ def hook_names(model, layer: int) -> dict:
 def run(params: C.Params, work_root: Path = C.WORK_DIR, out_dir: Path = C.SAE_DIR) -> dict:
     cfg, base = params.sae, params.base
     layer = params.sae_layer
-    started = time.perf_counter()
     corpus = read_parquet(C.CORPUS_PATH, CORPUS)
     meta = read_base_meta(C.BASE_DIR)
     C.check_layer(layer, meta["n_layers"], meta["source"]["name"], "sae.layer")
@@ -415,7 +418,7 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR, out_dir: Path = C.SAE_DI
     )
     sae = TopKSAE(arch.d_model, d_sae, cfg.k, seed=cfg.seed).to(device=device, dtype=dtype)
     train_t0 = time.perf_counter()
-    trainer, history = train(sae, train_data, cfg, run_, device)
+    trainer, history, rates = train(sae, train_data, cfg, run_, device)
     train_wall = time.perf_counter() - train_t0
     sae.eval()
 
@@ -485,10 +488,6 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR, out_dir: Path = C.SAE_DI
             "batch_size": cfg.batch_size,
             "lr": trainer.settings.lr,
             "final_fvu_batch": history[-1]["fvu"] if history else None,
-            "tokens_per_s_median": float(np.median([h["tokens_per_s"] for h in history]))
-            if history
-            else None,
-            "wall_s_this_run": round(train_wall, 1),
         },
     }
 
@@ -506,18 +505,27 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR, out_dir: Path = C.SAE_DI
     save_sae(sae, out_dir, sae_meta, density=density)
     headline = {k: metrics[k] for k in ("explained_variance", "fvu", "mse", "l0")}
     write_yaml(
-        {**sidecar, **names, "step": trainer.step, "headline": headline, "git_commit": git_commit()}
+        {
+            **sidecar,
+            **names,
+            "step": trainer.step,
+            "headline": headline,
+            "code_commit": code_commit(),
+        }
         | {"fingerprint": run_.fingerprint, "torch": str(torch.__version__)}
         | {"python": platform.python_version()},
         out_dir / "nla_meta.yaml",
     )
     write_text(_curves_csv(history), out_dir / "train_curve.csv")
     sae_plots(density.numpy(), history, metrics, C.SAE_PLOTS)
-    metrics["wall_s_this_run"] = round(time.perf_counter() - started, 1)
     write_json(metrics, C.SAE_METRICS)
     data.clear()
     _print_summary(metrics)
-    return metrics
+    timing = {
+        "tokens_per_s_median": float(np.median(rates)) if rates else None,
+        "train_wall_s": round(train_wall, 1),
+    }
+    return metrics | {"timing": timing}
 
 
 def _print_summary(m: dict) -> None:
