@@ -129,6 +129,39 @@ def release(c: Context, version: str, push: bool = False, org: str = "", public:
     c.run(" ".join(args))
 
 
+@task(
+    help={
+        "quick": "small settings: checks that every benchmark runs (not numbers to publish)",
+        "only": "run only this benchmark (extract, sae, sft); merged into results.json",
+    }
+)
+def bench(c: Context, quick: bool = False, only: str = "") -> None:
+    """Run every benchmark -> benchmarks/results.json, and print the README's table."""
+    args = ["python benchmarks/run_all.py"]
+    if quick:
+        args.append("--quick")
+    if only:
+        args.append(f"--only {shlex.quote(only)}")
+    c.run(" ".join(args))
+
+
+@task(
+    help={
+        "profile": "profile to drill (default smoke)",
+        "seed": "seed of the kill points (default: random, printed)",
+        "keep": "work in this folder and keep its repos and logs",
+    }
+)
+def drill(c: Context, profile: str = "smoke", seed: int = -1, keep: str = "") -> None:
+    """Fault drill: SIGKILL each long stage mid-run, rerun, compare with an uninterrupted run."""
+    args = ["python tests/fault_drill.py", f"--profile {shlex.quote(profile)}"]
+    if seed >= 0:
+        args.append(f"--seed {int(seed)}")
+    if keep:
+        args.append(f"--keep {shlex.quote(keep)}")
+    c.run(" ".join(args))
+
+
 @task
 def doctor(c: Context) -> None:
     """Check the machine: versions, CUDA, VRAM, bitsandbytes, DVC remotes, disk (one table)."""

@@ -252,6 +252,8 @@ def test_tasks_call_the_cli_docker_and_uv():
             "docker build -t nla-repro:latest .": Result(),
             tasks.INSTALL: Result(),
             "python -m nla_repro configure": Result(),
+            "python benchmarks/run_all.py --quick --only sae": Result(),
+            "python tests/fault_drill.py --profile smoke --seed 7 --keep /tmp/d": Result(),
         }
     )
     tasks.doctor(ctx)
@@ -259,7 +261,9 @@ def test_tasks_call_the_cli_docker_and_uv():
     tasks.lock(ctx)
     tasks.docker_build(ctx)
     tasks.setup(ctx)
-    assert ctx.run.call_count == 6
+    tasks.bench(ctx, quick=True, only="sae")
+    tasks.drill(ctx, seed=7, keep="/tmp/d")
+    assert ctx.run.call_count == 8
     assert ctx.run.call_args_list[3].kwargs["env"] == {"DOCKER_BUILDKIT": "1"}
 
 
@@ -269,6 +273,7 @@ def test_invoke_list_reads_like_a_manual():
     )
     assert done.returncode == 0, done.stderr
     expected = "setup repro test lint pull push docker-build docker-run doctor kill lock release"
+    expected += " bench drill"
     for name in expected.split():
         assert re.search(rf"^\s+{name}\s+\S", done.stdout, re.M), f"{name} missing or without help"
     helped = subprocess.run(
