@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import peak_rss_mb
 from transformers import PretrainedConfig
 
 from nla_repro.models import adapt, load_base, tokenize
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "matmul_peak": peak,
         "correctness_max_abs_diff_vs_hf_hidden_states": max_diff,
+        "peak_rss_mb": peak_rss_mb(),
         "data": {
             "text_source": source,
             "n_texts": len(tokens),

@@ -345,9 +345,6 @@ def _headline_rows(name: str, record: dict) -> list[tuple[str, str, str]]:
                     rows.append(
                         ("sft", f"{model.upper()} peak VRAM", _num(m["peak_vram_gb"], 2, "GB"))
                     )
-        rows.append(
-            ("sft", "peak RSS (AV and AR in one process)", _num(r.get("peak_rss_mb"), 0, "MB"))
-        )
         return rows
     # A benchmark this table does not know yet: its top-level numbers.
     return [
@@ -379,6 +376,9 @@ def markdown_table(results: dict) -> str:
         quick = " (--quick)" if record.get("quick") else ""
         for bench, number, value in _headline_rows(name, record):
             lines.append(f"| {bench}{quick} | {number} | {value} |")
+        peak = (record.get("result") or {}).get("peak_rss_mb")
+        if peak is not None:  # every benchmark here reports it (benchmarks/_common.py)
+            lines.append(f"| {name}{quick} | peak RSS | {_num(peak, 0, 'MiB')} |")
         load = (record.get("loadavg_before") or [None])[0]
         lines.append(
             f"| {name}{quick} | benchmark wall time (load before) | "

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import peak_rss_mb
 
 from nla_repro import config as C
 from nla_repro.sae import (
@@ -219,6 +220,7 @@ def main() -> int:
         },
         "speed_ratio": round(ratio, 2),
         "ev_difference": ev_ours - ev_theirs,
+        "peak_rss_mb": peak_rss_mb(),  # both trainers, one after the other
         "targets": {"speed_ratio": SPEED_TARGET, "ev_tolerance": EV_TOLERANCE},
         "pass": {
             "speed": ratio >= SPEED_TARGET,

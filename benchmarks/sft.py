@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import resource
 import sys
 import time
 
 import numpy as np
 import torch
+from _common import peak_rss_mb
 
 from nla_repro import config as C
 from nla_repro.models import load_base, read_base_meta
@@ -52,11 +51,6 @@ def training_rows(d_model: int, n: int) -> tuple[list[str], torch.Tensor, str]:
     ]
     vectors = torch.from_numpy(rng.standard_normal((n, d_model)).astype(np.float32)) * 10
     return texts, vectors, "synthetic"
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if platform.system() != "Darwin" else kb / 2**20
 
 
 def time_training(model, cfg: C.TrainConfig, texts, vectors, steps: int, warmup: int) -> dict:
@@ -140,7 +134,7 @@ def main() -> int:
         del nla, model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    report["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
         peaks = [report[n].get("peak_vram_gb", 0) for n in ("av", "ar") if n in report]
         report["vram_target_gb"] = VRAM_TARGET_GB

@@ -110,7 +110,8 @@ def test_markdown_table_has_one_row_per_headline_number():
     # A quick run is marked as such, so its numbers are not pasted as the real ones.
     assert rows[("sft (--quick)", "AV training tokens/s (s per step)")] == "142.0 (5.20 s)"
     assert rows[("sft (--quick)", "AR training tokens/s (s per step)")] == "296.0 (2.40 s)"
-    assert rows[("sft (--quick)", "peak RSS (AV and AR in one process)")] == "4,812 MB"
+    assert rows[("sft (--quick)", "peak RSS")] == "4,812 MiB"
+    assert ("extract", "peak RSS") not in rows  # not reported: no row rather than "n/a"
     assert rows[("sae", "benchmark wall time (load before)")] == "300 s (0.50)"
     assert rows[("pipeline (smoke)", "base stage wall time")] == "25 s"
     assert rows[("pipeline (smoke)", "sae stage wall time")] == "126 s"
@@ -234,6 +235,7 @@ def bench_dir(tmp_path, monkeypatch):
     for name, source in scripts.items():
         (bench / f"{name}.py").write_text(textwrap.dedent(source))
     (bench / "run_all.py").write_text("raise SystemExit('run_all must not run itself')\n")
+    (bench / "_common.py").write_text("raise SystemExit('a shared module is no benchmark')\n")
     monkeypatch.setattr(run_all, "machine_info", lambda root: dict(MACHINE))
     return bench
 
@@ -248,7 +250,8 @@ def run_main(bench: Path, *extra: str) -> tuple[int, dict]:
 def test_a_failing_benchmark_is_recorded_and_the_others_still_run(bench_dir, capsys):
     rc, results = run_main(bench_dir)
     assert rc == 1
-    assert list(results["benchmarks"]) == ["aok", "bfail", "cnojson", "dcrash"]  # not run_all
+    # Not run_all itself, not the shared _common module.
+    assert list(results["benchmarks"]) == ["aok", "bfail", "cnojson", "dcrash"]
     ok, fail, nojson = (results["benchmarks"][n] for n in ("aok", "bfail", "cnojson"))
     assert ok["ok"] and ok["exit_status"] == 0
     assert ok["result"] == {"benchmark": "ok", "args": [], "tokens_per_s": 12.5}
