@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import peak_rss_mb
 from transformers import PretrainedConfig
 
 from nla_repro.models import adapt, load_base, tokenize
+from nla_repro.platform import peak_rss_mb
 from nla_repro.stages.extract import extract_batch, pad_batch
 
 log = logging.getLogger("bench.extract")

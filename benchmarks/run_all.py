@@ -377,7 +377,7 @@ def markdown_table(results: dict) -> str:
         for bench, number, value in _headline_rows(name, record):
             lines.append(f"| {bench}{quick} | {number} | {value} |")
         peak = (record.get("result") or {}).get("peak_rss_mb")
-        if peak is not None:  # every benchmark here reports it (benchmarks/_common.py)
+        if peak is not None:  # every benchmark here reports it (nla_repro.platform.peak_rss_mb)
             lines.append(f"| {name}{quick} | peak RSS | {_num(peak, 0, 'MiB')} |")
         load = (record.get("loadavg_before") or [None])[0]
         lines.append(
@@ -386,9 +386,11 @@ def markdown_table(results: dict) -> str:
         )
     times = results.get("stage_times", {})
     for stage, row in times.get("stages", {}).items():
+        peak = row.get("peak_rss_mb")
+        memory = f" ({_num(peak, 0, 'MiB')} peak RSS)" if peak is not None else ""
         lines.append(
             f"| pipeline ({times.get('profile')}) | {stage} stage wall time | "
-            f"{_num(row.get('wall_s'), 0, 's')} |"
+            f"{_num(row.get('wall_s'), 0, 's')}{memory} |"
         )
     if times.get("stages"):
         lines.append(

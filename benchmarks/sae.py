@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import peak_rss_mb
 
 from nla_repro import config as C
+from nla_repro.platform import peak_rss_mb
 from nla_repro.sae import (
     TopKSAE,
     Trainer,

@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 import torch
-from _common import peak_rss_mb
 
 from nla_repro import config as C
 from nla_repro.models import load_base, read_base_meta
 from nla_repro.nla import build_ar, split_pairs, training_pairs
+from nla_repro.platform import peak_rss_mb
 from nla_repro.schemas import LABELS, activations_schema, read_parquet
 from nla_repro.stages.sft_av import build_av
 from nla_repro.templates import load_template

@@ -17,7 +17,8 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import tiny_gemma4_conditional, tiny_llama, tiny_tokenizer
+from conftest import tiny_gemma4_conditional, tiny_llama, tiny_tokenizer, tree_sha256
+from transformers import tokenization_utils_base
 
 from nla_repro import config as C
 from nla_repro.errors import SourceError
@@ -431,3 +432,15 @@ def test_run_wheel_source_converts_the_gguf_inside_the_pinned_wheel(
         assert digest == sha256_file(out / name), name
     assert not list(out.glob("*.gguf"))
     assert_same_model(out, model)
+
+
+def test_gguf_conversion_is_byte_equal_offline_and_online(gguf_llama, tmp_path, monkeypatch):
+    # HF_HUB_OFFLINE=1 makes transformers load with local_files_only=True and keep it in the
+    # tokenizer's init kwargs; written out, it changed models/base's hash with the environment.
+    _, gguf_path = gguf_llama
+    base.gguf_to_model_dir(gguf_path, tmp_path / "online")
+    monkeypatch.setattr(tokenization_utils_base, "is_offline_mode", lambda: True)
+    base.gguf_to_model_dir(gguf_path, tmp_path / "offline")
+    assert tree_sha256(tmp_path / "offline") == tree_sha256(tmp_path / "online")
+    config = json.loads((tmp_path / "offline" / "tokenizer_config.json").read_text())
+    assert not set(base.LOAD_ONLY_TOKENIZER_KWARGS) & set(config)

@@ -226,6 +226,7 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(repo, stage, out):
     times = [json.loads(line) for line in C.STAGE_TIMES.read_text().splitlines()]
     assert [t["stage"] for t in times] == [stage, stage]  # the crashed run recorded nothing
     assert times[-1]["steps_this_run"] == 2 and times[-1]["tokens_per_s_median"] > 0
+    assert times[-1]["peak_rss_mb"] > 100  # this process loaded torch and a model
 
 
 def test_changed_training_code_discards_stale_checkpoints(repo, monkeypatch):

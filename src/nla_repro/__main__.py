@@ -30,6 +30,8 @@ def record_stage_time(stage: str, profile: str, started: float, timing: dict | N
 
     import torch
 
+    from nla_repro.platform import peak_rss_mb
+
     row = {
         "stage": stage,
         "profile": profile,
@@ -38,6 +40,7 @@ def record_stage_time(stage: str, profile: str, started: float, timing: dict | N
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
         **(timing or {}),
     }
     C.STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)

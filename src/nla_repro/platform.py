@@ -14,6 +14,17 @@ from nla_repro.errors import SourceError
 from nla_repro.secrets import SECRET_ENV_VARS
 
 
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on
+    macOS; Windows has no resource module: None)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2**20 if _platform.system() == "Darwin" else peak / 1024, 1)
+
+
 def resolve_cli(name: str) -> str:
     """Full path of a command-line tool found on PATH.
 

