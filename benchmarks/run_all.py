@@ -385,17 +385,23 @@ def markdown_table(results: dict) -> str:
             f"{_num(record.get('wall_s'), 0, 's')} ({_num(load, 2)}) |"
         )
     times = results.get("stage_times", {})
-    for stage, row in times.get("stages", {}).items():
+    stages = times.get("stages", {})
+    # The stages ran in their own runs, maybe with another thread count than the benchmarks.
+    threads = {row.get("torch_threads") for row in stages.values()} - {None}
+    label = times.get("profile")
+    if len(threads) == 1:
+        n = threads.pop()
+        label = f"{label}, {n} torch thread{'s' if n != 1 else ''}"
+    for stage, row in stages.items():
         peak = row.get("peak_rss_mb")
         memory = f" ({_num(peak, 0, 'MiB')} peak RSS)" if peak is not None else ""
         lines.append(
-            f"| pipeline ({times.get('profile')}) | {stage} stage wall time | "
+            f"| pipeline ({label}) | {stage} stage wall time | "
             f"{_num(row.get('wall_s'), 0, 's')}{memory} |"
         )
-    if times.get("stages"):
+    if stages:
         lines.append(
-            f"| pipeline ({times.get('profile')}) | all stages | "
-            f"{_num(times.get('total_wall_s'), 0, 's')} |"
+            f"| pipeline ({label}) | all stages | {_num(times.get('total_wall_s'), 0, 's')} |"
         )
     return "\n".join(lines)
 

@@ -83,7 +83,10 @@ RESULTS = {
     },
     "stage_times": {
         "profile": "smoke",
-        "stages": {"base": {"wall_s": 25.4}, "sae": {"wall_s": 126.0, "peak_rss_mb": 2048.4}},
+        "stages": {
+            "base": {"wall_s": 25.4, "torch_threads": 1},
+            "sae": {"wall_s": 126.0, "peak_rss_mb": 2048.4, "torch_threads": 1},
+        },
         "total_wall_s": 151.4,
     },
 }
@@ -113,9 +116,10 @@ def test_markdown_table_has_one_row_per_headline_number():
     assert rows[("sft (--quick)", "peak RSS")] == "4,812 MiB"
     assert ("extract", "peak RSS") not in rows  # not reported: no row rather than "n/a"
     assert rows[("sae", "benchmark wall time (load before)")] == "300 s (0.50)"
-    assert rows[("pipeline (smoke)", "base stage wall time")] == "25 s"
-    assert rows[("pipeline (smoke)", "sae stage wall time")] == "126 s (2,048 MiB peak RSS)"
-    assert rows[("pipeline (smoke)", "all stages")] == "151 s"
+    stage_rows = "pipeline (smoke, 1 torch thread)"  # the stages' thread count, not the benches'
+    assert rows[(stage_rows, "base stage wall time")] == "25 s"
+    assert rows[(stage_rows, "sae stage wall time")] == "126 s (2,048 MiB peak RSS)"
+    assert rows[(stage_rows, "all stages")] == "151 s"
     assert "n/a" not in table  # every key the benchmarks print was found
     machine = table.splitlines()[0]
     assert "AMD EPYC 9B14, 2 cores" in machine and "AVX-512" in machine
