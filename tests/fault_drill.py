@@ -57,11 +57,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-# The files the smoke end-to-end test copies into its repo; run as a script, tests/ is on
-# sys.path. (The copy, git init, profile and commit below mirror that test's inline setup.)
-from test_pipeline import REPO_FILES
-
-ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, tests/ is on sys.path: the repo is built as the smoke end-to-end test builds
+# its own (the same files; git init, profile and commit as there).
+from test_pipeline import copy_repo_files
 
 DRILL_STAGES = ("corpus", "label", "extract", "sft_av", "sft_ar", "sae", "eval")
 STAGE_TIMES = Path(".nla_work/stage_times.jsonl")
@@ -136,14 +134,7 @@ def must(result: Result) -> Result:
 
 def build_repo(repo: Path, profile: str) -> None:
     """A fresh git + DVC repo with the project's pipeline and the profile applied, committed."""
-    repo.mkdir(parents=True)
-    for name in REPO_FILES:
-        src, dst = ROOT / name, repo / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+    copy_repo_files(repo)
     must(run(["git", "init", "-q"], repo))
     must(run([sys.executable, "-m", "nla_repro", "profile", profile], repo))
     must(run(["git", "add", "-A"], repo))

@@ -54,14 +54,10 @@ def params_k(repo: Path) -> int:
     return yaml.safe_load((repo / "params.yaml").read_text())["sae"]["k"]
 
 
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
-
-
-@pytest.mark.slow
-def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def copy_repo_files(repo: Path) -> None:
+    """The project's pipeline files (REPO_FILES) into a new folder: a user's checkout, without
+    build outputs. The fault drill (tests/fault_drill.py) builds its repos the same way."""
+    repo.mkdir(parents=True)
     for name in REPO_FILES:
         src, dst = ROOT / name, repo / name
         if src.is_dir():
@@ -69,6 +65,16 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.mark.slow
+def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
+    repo = tmp_path / "repo"
+    copy_repo_files(repo)
     run(["git", "init", "-q"], repo)
     run(["python", "-m", "nla_repro", "profile", "smoke"], repo)
     run(["git", "add", "-A"], repo)
