@@ -25,12 +25,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import yaml
+
+from nla_repro.io import write_json  # temporary name, then renamed
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -264,23 +265,6 @@ def run_benchmark(script: Path, args: list[str], cwd: Path, timeout_s: float | N
     return record
 
 
-def write_atomic(data: dict, path: Path) -> None:
-    """Temp file in the same directory, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results.json private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --- Table --------------------------------------------------------------------------------
 
 
@@ -452,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         if not record["ok"]:
             failed.append(name)
             print(record["stderr_tail"][-1500:], file=sys.stderr)
-        write_atomic(results, args.out)  # after each: a later crash keeps what finished
-    write_atomic(results, args.out)
+        write_json(results, args.out)  # after each: a later crash keeps what finished
+    write_json(results, args.out)
     print(markdown_table(results))
     if failed:
         print(f"run_all: failed: {', '.join(failed)}", file=sys.stderr)
