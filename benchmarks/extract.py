@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from nla_repro.models import adapt, load_base, tokenize
+from nla_repro.models import adapt, load_base, pad_batch, tokenize
 from nla_repro.platform import peak_rss_mb
-from nla_repro.stages.extract import extract_batch, pad_batch
+from nla_repro.stages.extract import extract_batch
 
 log = logging.getLogger("bench.extract")
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         return extract_batch(model, b, pos, args.layer, pad_id, args.padding_side)
 
     def run_hf(b: list[list[int]], pos: list[list[int]]) -> np.ndarray:
-        ids, mask, offsets = pad_batch(b, pad_id, args.padding_side)
+        ids, mask, offsets, _ = pad_batch(b, pad_id, args.padding_side)
         hidden = model(
             input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False
         ).hidden_states[args.layer + 1]

@@ -34,7 +34,7 @@ from nla_repro.models import load_base
 from nla_repro.nla import build_ar
 from nla_repro.stages.sft_av import build_av
 from nla_repro.templates import load_template
-from nla_repro.trainer import stage_run, train
+from nla_repro.training.sft import stage_run, train
 
 log = logging.getLogger("bench.levers")
 OUT = Path("benchmarks/levers.json")
@@ -101,11 +101,12 @@ def run_lever(params: C.Params, name: str, steps: int, val_rows: int, out_root: 
         net = build_ar(model, tokenizer, template, cfg, params.ar_layers)
     out_dir = out_root / name.replace(":", "_")
     run, pairs = stage_run(params, kind, out_dir, net.describe())
-    run = dataclasses.replace(run, metrics_path=out_dir / "metrics.json")
     texts, vectors = pairs["train"]
     keep = max(int(len(texts) * fraction), cfg.micro_batch)
     started = time.perf_counter()
-    metrics = train(net, texts[:keep], vectors[:keep], *pairs["val"], cfg, run)
+    metrics = train(
+        net, texts[:keep], vectors[:keep], *pairs["val"], cfg, run, out_dir / "metrics.json"
+    )
     curve = [
         row
         for row in _read_csv(out_dir / "val_curve.csv")

@@ -49,8 +49,8 @@ EV_TOLERANCE = 0.005  # "equal" explained variance: within half a point
 def stage_activations(params: C.Params) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Train and held-out token activations exactly as the sae stage collects them."""
     from nla_repro.models import load_base
+    from nla_repro.sae.activations import token_activations
     from nla_repro.schemas import CORPUS, read_parquet
-    from nla_repro.stages.sae import token_activations
 
     corpus = read_parquet(C.CORPUS_PATH, CORPUS)
     model, tokenizer = load_base(C.BASE_DIR, params.base.quantization, params.base.compute_dtype)

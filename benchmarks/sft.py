@@ -29,7 +29,7 @@ from nla_repro.platform import peak_rss_mb
 from nla_repro.schemas import LABELS, activations_schema, read_parquet
 from nla_repro.stages.sft_av import build_av
 from nla_repro.templates import load_template
-from nla_repro.trainer import make_optimizer
+from nla_repro.training.sft import make_optimizer
 
 log = logging.getLogger("bench.sft")
 VRAM_TARGET_GB = 4.0

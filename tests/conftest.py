@@ -211,10 +211,11 @@ def write_finished_pipeline(root: Path) -> None:
     import pandas as pd
     from safetensors.torch import save_file
 
-    from nla_repro import cards
     from nla_repro import config as C
+    from nla_repro.evaluation.registry import SOURCES
+    from nla_repro.release import cards
 
-    for path in cards.METRIC_FILES.values():
+    for path in SOURCES.values():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ROOT / path, root / path)
     base = {

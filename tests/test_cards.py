@@ -8,8 +8,9 @@ import pytest
 from conftest import write_finished_pipeline
 from huggingface_hub import ModelCard
 
-from nla_repro import cards
 from nla_repro import config as C
+from nla_repro.evaluation import registry
+from nla_repro.release import calibration, cards
 from nla_repro.stages import card as card_stage
 
 # The model-index numbers each card must publish, by where the stages wrote them.
@@ -60,7 +61,7 @@ def project(tmp_path, monkeypatch):
 
 
 def metric_files(root):
-    return {name: json.loads((root / p).read_text()) for name, p in cards.METRIC_FILES.items()}
+    return {name: json.loads((root / p).read_text()) for name, p in registry.SOURCES.items()}
 
 
 def dig(data, keys):
@@ -91,7 +92,9 @@ def test_card_stage_writes_cards_that_parse_with_model_index_equal_to_metrics(pr
     av = (project / "cards/av/README.md").read_text()
     vu = metrics["eval"]["vector_use"]
     lo, hi = vu["ci95"]
-    assert f"| Vector-use gap (nats) | {vu['gap']:.3f} | [{lo:.3f}, {hi:.3f}] | {vu['n']} |" in av
+    assert (
+        f"| AV vector-use gap (nats) | {vu['gap']:.3f} | [{lo:.3f}, {hi:.3f}] | {vu['n']} |" in av
+    )
     assert "`.*layers\\.\\d+\\.(self_attn\\.(q\\|k" in av  # the regex does not split the row
     sae = (project / "cards/sae/README.md").read_text()
     ev_sae, n_tok = metrics["sae"]["explained_variance"], metrics["sae"]["n_tokens"]
@@ -100,8 +103,8 @@ def test_card_stage_writes_cards_that_parse_with_model_index_equal_to_metrics(pr
     rt = metrics["eval"]["round_trip"]["cos"]
     lo, hi = rt["ci95"]
     assert (
-        f"| round-trip cosine (raw) | {rt['mean']:.3f} ± {rt['std']:.3f} | [{lo:.3f}, {hi:.3f}] "
-        "| 0.438 ± 0.054" in calibration
+        f"| Round trip cos(v, AR(AV(v))), raw | {rt['mean']:.3f} ± {rt['std']:.3f} "
+        f"| [{lo:.3f}, {hi:.3f}] | {rt['n']} | 0.438 ± 0.054" in calibration
     )
     assert "this is the first release" in calibration
     assert "nla-smollm2-135m-instruct-l20-av" in capsys.readouterr().out
@@ -119,7 +122,7 @@ def test_a_changed_measurement_changes_the_card(project):
     published = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert published["round_trip_cos"] == 0.31415 and published["vector_use_gap"] == 0.4242
     assert "| Round trip cos(v, AR(AV(v))), raw | 0.314 |" in card.text
-    assert "| vector-use gap (nats) | 0.424 |" in (project / C.CALIBRATION_PATH).read_text()
+    assert "| AV vector-use gap (nats) | 0.424 |" in (project / C.CALIBRATION_PATH).read_text()
 
 
 def test_content_blind_ar_says_so_at_the_top_of_both_nla_cards(project):
@@ -175,7 +178,7 @@ def test_calibration_compares_with_the_previous_release_tag(project):
     git(project, "add", "-A")
     git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1")
     git(project, "tag", "v0.1.00")
-    assert cards.previous_release(project)[0] is None  # the tag is at HEAD: this release
+    assert calibration.previous_release(project)[0] is None  # the tag is at HEAD: this release
     path = project / C.SAE_METRICS
     sae = json.loads(path.read_text())
     old = sae["explained_variance"]
@@ -183,14 +186,14 @@ def test_calibration_compares_with_the_previous_release_tag(project):
     path.write_text(json.dumps(sae))
     git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "better sae")
     git(project, "tag", "not-a-version")
-    tag, previous = cards.previous_release(project)
+    tag, previous = calibration.previous_release(project)
     assert tag == "v0.1.00" and previous["sae"]["explained_variance"] == old
     card_stage.run(C.Params())
     text = (project / C.CALIBRATION_PATH).read_text()
     assert "Against `v0.1.00`" in text
     assert f"| SAE | Explained variance | {old:.3f} | {old + 0.05:.3f} | +0.050 |" in text
     gap = json.loads((project / C.EVAL_METRICS).read_text())["vector_use"]["gap"]
-    assert f"| AV | Vector-use gap (nats) | {gap:.3f} | {gap:.3f} | +0.000 |" in text
+    assert f"| AV | AV vector-use gap (nats) | {gap:.3f} | {gap:.3f} | +0.000 |" in text
 
 
 def set_path(data: dict, path: str, value) -> None:
@@ -200,7 +203,7 @@ def set_path(data: dict, path: str, value) -> None:
     data[last] = value
 
 
-def test_quality_targets_are_met_only_at_their_bars(project):
+def test_quality_bars_are_met_only_at_their_bars(project):
     ev = json.loads((project / C.EVAL_METRICS).read_text())
     at_bars = {
         "n": 50,
@@ -217,7 +220,8 @@ def test_quality_targets_are_met_only_at_their_bars(project):
     }
     for path, value in at_bars.items():
         set_path(ev, path, value)
-    assert [r["met"] for r in cards.target_rows(ev)] == ["yes"] * len(cards.QUALITY_TARGETS)
+    bars = registry.QUALITY_BARS
+    assert [r["met"] for r in registry.bar_rows({"eval": ev})] == ["yes"] * len(bars)
     just_missed = {
         "n": 49,
         "vector_use.gap": 0.299,
@@ -232,24 +236,38 @@ def test_quality_targets_are_met_only_at_their_bars(project):
     }
     for path, value in just_missed.items():
         set_path(ev, path, value)
-    rows = cards.target_rows(ev)
-    assert [r["met"] for r in rows] == ["NO"] * len(cards.QUALITY_TARGETS)
+    rows = registry.bar_rows({"eval": ev})
+    assert [r["met"] for r in rows] == ["NO"] * len(bars)
     assert rows[4]["value"] == "19.9%" and rows[4]["target"] == ">= 20.0%"
-    del ev["identity"]
-    assert cards.target_rows(ev)[4]["met"] == "n/a"
+    set_path(ev, "identity.centred.argmax_accuracy", None)  # measured as nothing
+    assert registry.bar_rows({"eval": ev})[4]["met"] == "not measured"
+    del ev["identity"]  # a declared path missing: an error, never a blank
+    with pytest.raises(registry.MetricMissing, match=r"identity\.centred\.argmax_accuracy"):
+        registry.bar_rows({"eval": ev})
 
 
-def test_summary_table_lists_every_headline_and_target(project):
+def test_a_metric_missing_from_the_metrics_stops_the_card_stage(project):
+    path = project / C.EVAL_METRICS
+    ev = json.loads(path.read_text())
+    del ev["ablation"]["gibberish"]
+    path.write_text(json.dumps(ev))
+    with pytest.raises(registry.MetricMissing, match=r"metrics/eval\.json .*ablation\.gibberish"):
+        card_stage.run(C.Params())
+    assert not (project / C.CARDS_DIR).exists()
+
+
+def test_summary_table_lists_every_headline_and_bar(project):
     inputs = cards.read_inputs(C.Params())
     names = cards.repo_names(C.Params(), "HuggingFaceTB/SmolLM2-135M-Instruct")
     text = card_stage.summary(inputs, names)
+    results = registry.Results(inputs.metrics)
     for kind in cards.KINDS:
-        for h in cards.HEADLINES[kind]:
-            value = cards.num(cards.lookup(inputs.metrics[h.source], h.path))
-            assert any(
-                h.name in line and line.rstrip().endswith(value) for line in text.splitlines()
-            )
-    for row in cards.target_rows(inputs.metrics["eval"]):
+        keys = results.keys(f"index:{kind}")
+        assert keys, kind
+        for key in keys:
+            name, value = results.name(key), results.text(key)
+            assert any(name in line and line.rstrip().endswith(value) for line in text.splitlines())
+    for row in registry.bar_rows(inputs.metrics):
         line = next(line for line in text.splitlines() if line.startswith(row["name"]))
         assert line.split()[-1] == row["met"]
 

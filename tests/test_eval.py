@@ -17,12 +17,16 @@ import torch
 from test_sft import build_inputs, run_stage, sft_params
 
 from nla_repro import config as C
-from nla_repro import evaluation as E
-from nla_repro import labelers as L
+from nla_repro import labeling as L
 from nla_repro.errors import ConfigError, DataValidationError
+from nla_repro.evaluation import measures as E
+from nla_repro.evaluation.suite import compute_metrics
+from nla_repro.labeling import judge as J
+from nla_repro.nla import shuffled
 from nla_repro.plots import CSV_NAMES, PNG_NAMES
-from nla_repro.schemas import eval_rows_schema, validate
+from nla_repro.schemas import eval_rows_schema, read_eval_rows, validate
 from nla_repro.stages import eval as S
+from nla_repro.templates import claims, join_claims
 
 # ---------------------------------------------------------------------------------------------
 # Metrics on constructed vectors
@@ -92,11 +96,11 @@ def test_template_diversity_counts_shared_prefixes_and_empties():
 
 def test_claims_split_parsed_and_free_text():
     parsed = '<explanation>\n- a flood\n- a town\n- final token: "rain", a noun\n</explanation>'
-    assert E.claims(parsed) == ["a flood", "a town", 'final token: "rain", a noun']
-    assert E.claims("- one thing\n- another") == ["one thing", "another"]
-    assert E.claims("It floods. The town is wet!") == ["It floods.", "The town is wet!"]
-    assert E.claims("   ") == []
-    assert E.join_claims(E.claims(parsed)) == parsed
+    assert claims(parsed) == ["a flood", "a town", 'final token: "rain", a noun']
+    assert claims("- one thing\n- another") == ["one thing", "another"]
+    assert claims("It floods. The town is wet!") == ["It floods.", "The town is wet!"]
+    assert claims("   ") == []
+    assert join_claims(claims(parsed)) == parsed
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
@@ -188,12 +192,12 @@ def evaluate_constructed(ar_kind: str, reads: bool = True) -> dict:
     )
     vectors = torch.from_numpy(targets)
     part = S.evaluate_chunk(
-        rows, S.shuffled(vectors), rows["text"].tolist(), (av, ar, None, None), mu, params, 0, 0
+        rows, shuffled(vectors), rows["text"].tolist(), (av, ar, None, None), mu, params.eval, 0, 0
     )
     part["nn_cos"], part["nn_fve_cen"] = E.nearest_in_pool(targets, targets[::-1] + 0.5, mu)
     part = validate(part, eval_rows_schema(D), "constructed")
     meta = {"mu": mu.tolist(), "rawvar": 0.5, "seed": 0, "n_boot": 300}
-    return E.compute_metrics(part, meta)
+    return compute_metrics(part, meta)
 
 
 def test_a_constant_ar_is_content_blind_and_at_chance():
@@ -227,7 +231,14 @@ def test_rows_schema_names_the_row_of_unequal_list_columns():
     params = replace(C.Params(), eval=C.EvalConfig(samples=2, paraphrases=0, judge_backend="none"))
     vectors = torch.from_numpy(np.stack(rows["target"].to_list()))
     part = S.evaluate_chunk(
-        rows, vectors, rows["text"].tolist(), (FakeAV(), ar, None, None), np.zeros(D), params, 0, 0
+        rows,
+        vectors,
+        rows["text"].tolist(),
+        (FakeAV(), ar, None, None),
+        np.zeros(D),
+        params.eval,
+        0,
+        0,
     )
     part["nn_cos"], part["nn_fve_cen"] = 0.5, 0.5
     validate(part, eval_rows_schema(D), "ok")
@@ -266,7 +277,7 @@ def test_judge_maps_a_b_back_to_av_or_label_whatever_the_order():
         return " 4\nSPECIFICITY: 2" if "AVTEXT" in prompt else " 5\nSPECIFICITY: 5"
 
     backend = CannedBackend(reply)
-    got = S.judge(backend, rows, av_texts, seed=0, attempts=1)
+    got = J.judge(backend, rows, av_texts, seed=0, attempts=1)
     assert got["judge_preferred"] == ["av"] * 12
     assert got["judge_validity"] == [4.0] * 12 and got["judge_specificity"] == [2.0] * 12
     assert got["label_validity"] == [5.0] * 12
@@ -277,11 +288,11 @@ def test_judge_maps_a_b_back_to_av_or_label_whatever_the_order():
 
 def test_unparseable_judge_answers_are_missing_not_invented():
     rows = constructed_rows(3)
-    got = S.judge(CannedBackend(lambda p: " no idea"), rows, ["x"] * 3, seed=0, attempts=2)
+    got = J.judge(CannedBackend(lambda p: " no idea"), rows, ["x"] * 3, seed=0, attempts=2)
     assert all(math.isnan(v) for v in got["judge_validity"])
     assert got["judge_preferred"] == [""] * 3
-    assert S.parse_scores("VALIDITY: 3\nSPECIFICITY: 1") == S.JudgeScores(3.0, 1.0)
-    assert S.parse_preference("PREFERRED: B").choice == "B"
+    assert J.parse_scores("VALIDITY: 3\nSPECIFICITY: 1") == J.JudgeScores(3.0, 1.0)
+    assert J.parse_preference("PREFERRED: B").choice == "B"
 
 
 class RewordingLocal(L.LocalBackend):
@@ -296,9 +307,9 @@ class RewordingLocal(L.LocalBackend):
 
 def test_local_paraphrase_keeps_the_final_token_head():
     label = '<explanation>\n- a flood\n- final token: "rain", a noun\n</explanation>'
-    (paras,) = S.paraphrase(RewordingLocal(), [label], n=2, seed=0, attempts=1)
+    (paras,) = J.paraphrase(RewordingLocal(), [label], n=2, seed=0, attempts=1)
     assert len(paras) == 2
-    assert E.claims(paras[0]) == ["reworded a flood", 'final token: "rain", reworded a noun']
+    assert claims(paras[0]) == ["reworded a flood", 'final token: "rain", reworded a noun']
 
 
 def test_local_judge_asks_each_scale_separately(tokenizer):
@@ -306,8 +317,8 @@ def test_local_judge_asks_each_scale_separately(tokenizer):
 
     tok = tokenizer
     tok.chat_template = CHAT_TEMPLATE
-    backend = L.LocalBackend(tiny_llama(), tok, "tiny", C.LabelConfig(batch_size=4))
-    got = S.judge(backend, constructed_rows(3), ["- a\n- b"] * 3, seed=0, attempts=1)
+    backend = L.LocalBackend(tiny_llama(), tok, "tiny", L.BackendSettings(batch_size=4))
+    got = J.judge(backend, constructed_rows(3), ["- a\n- b"] * 3, seed=0, attempts=1)
     assert all(1 <= v <= 5 for v in got["judge_validity"] + got["label_specificity"])
     assert set(got["judge_preferred"]) <= {"av", "label"}
 
@@ -357,10 +368,10 @@ def repo(trained, tmp_path, monkeypatch) -> Path:
 
 def test_eval_stage_writes_rows_metrics_and_plots_that_agree(repo):
     assert run_stage("eval", eval_params()) == 0
-    rows, meta = S.read_rows(C.EVAL_ROWS, 32)
+    rows, meta = read_eval_rows(C.EVAL_ROWS, 32)
     metrics = json.loads(C.EVAL_METRICS.read_text())
     # Every published number recomputes exactly from the per-row table.
-    assert E.compute_metrics(rows, meta) == metrics
+    assert compute_metrics(rows, meta) == metrics
     assert metrics["n"] == len(rows) >= 2
     assert metrics["judge"]["model"] == "tiny" and metrics["judge"]["n"] == len(rows)
     assert len(rows["samples"].iloc[0]) == 3
@@ -447,5 +458,60 @@ def test_chunks_of_other_params_are_not_reused(repo, monkeypatch):
     assert any((C.WORK_DIR / "eval").rglob("chunk_000000.parquet"))
     monkeypatch.setattr(S, "evaluate_chunk", real)
     assert run_stage("eval", eval_params(judge_backend="none", paraphrases=0, samples=1)) == 0
-    rows, _ = S.read_rows(C.EVAL_ROWS, 32)
+    rows, _ = read_eval_rows(C.EVAL_ROWS, 32)
     assert rows["samples"].map(len).tolist() == [1] * len(rows)
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "reused"),
+    [
+        ("eval", {"judge_max_new_tokens": 9}, False),  # an eval param: chunks discarded
+        ("eval", {"judge_max_attempts": 2}, False),
+        ("label", {"batch_size": 3, "max_attempts": 1}, True),  # not eval's: cannot reach it
+    ],
+)
+def test_a_changed_eval_param_discards_saved_chunks_and_a_label_param_does_not(
+    repo, monkeypatch, section, change, reused
+):
+    real = S.evaluate_chunk
+    calls = []
+
+    def crash_after_first(*args):
+        calls.append(args[-1])
+        if args[-1] == 1:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    params = eval_params(judge_rows=2, paraphrases=1)
+    monkeypatch.setattr(S, "evaluate_chunk", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("eval", params)
+    changed = replace(params, **{section: replace(getattr(params, section), **change)})
+    calls.clear()
+    monkeypatch.setattr(S, "evaluate_chunk", lambda *a: calls.append(a[-1]) or real(*a))
+    assert run_stage("eval", changed) == 0
+    assert (0 not in calls) is reused, calls
+
+
+def test_a_registry_metric_with_compute_lands_in_eval_json_and_the_report(monkeypatch):
+    """The add-a-metric path: a function, one registry entry, nothing else."""
+    from nla_repro.evaluation import registry as R
+    from nla_repro.evaluation.report import eval_report
+
+    median = R.Metric(
+        "round_trip_fve_cen_median",
+        "Round trip, centred, median",
+        "eval",
+        "centred.greedy.fve_cen_median",
+        compute=lambda rows, meta: float(np.median(rows["fve_cen_greedy"])),
+        shown=("report",),
+    )
+    monkeypatch.setattr(R, "METRICS", (*R.METRICS, median))
+    monkeypatch.setitem(R.BY_KEY, median.key, median)
+    m = evaluate_constructed("oracle")
+    assert m["centred"]["greedy"]["fve_cen_median"] == pytest.approx(1.0, abs=1e-5)
+    assert dict(eval_report(m))["Round trip, centred, median"] == "1.000"
+    clash = R.Metric("clash", "clash", "eval", "round_trip.fve_nrm", compute=lambda r, m: 0.0)
+    monkeypatch.setattr(R, "METRICS", (*R.METRICS, clash))
+    with pytest.raises(ValueError, match="already computed by the eval suite"):
+        evaluate_constructed("oracle")

@@ -28,7 +28,7 @@ from nla_repro import config as C
 from nla_repro.__main__ import main
 from nla_repro.errors import DataValidationError
 from nla_repro.io import vectors_from_table, vectors_to_arrow
-from nla_repro.models import adapt, residual_at_layer, tokenize
+from nla_repro.models import adapt, pad_batch, residual_at_layer, tokenize
 from nla_repro.schemas import activations_schema, read_parquet
 from nla_repro.stages import extract
 
@@ -47,7 +47,7 @@ def reference_hidden(model, tokenizer, text: str, layer: int, max_length: int) -
 def test_residual_at_layer_equals_hf_hidden_states(tiny_model, tokenizer, side):
     texts = SAMPLE_TEXTS[:5]
     tokens = tokenize(tokenizer, texts, 64)
-    ids, mask, offsets = extract.pad_batch(tokens, tokenizer.pad_token_id, side)
+    ids, mask, offsets, _ = pad_batch(tokens, tokenizer.pad_token_id, side)
     assert len({len(t) for t in tokens}) > 1  # the batch really is padded
     for layer in (0, 1, 2):
         hidden = residual_at_layer(tiny_model, ids, mask, layer)
@@ -82,7 +82,7 @@ def test_forward_stops_after_the_captured_block(tiny_model, tokenizer):
     handles.append(
         tiny_model.get_output_embeddings().register_forward_hook(lambda *_: ran.append("head"))
     )
-    ids, mask, _ = extract.pad_batch(tokenize(tokenizer, SAMPLE_TEXTS[:2], 32), 0, "right")
+    ids, mask, _, _ = pad_batch(tokenize(tokenizer, SAMPLE_TEXTS[:2], 32), 0, "right")
     residual_at_layer(tiny_model, ids, mask, 1)
     for h in handles:
         h.remove()

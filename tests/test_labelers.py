@@ -25,10 +25,11 @@ import pytest
 from conftest import SAMPLE_TEXTS, save_model_dir, tiny_llama, write_corpus
 
 from nla_repro import config as C
-from nla_repro import labelers as L
+from nla_repro import labeling as L
 from nla_repro import platform
 from nla_repro.__main__ import main
 from nla_repro.errors import ConfigError, SourceError
+from nla_repro.labeling.retry import _StatusError
 from nla_repro.schemas import LABELS, read_parquet
 from nla_repro.secrets import redact
 from nla_repro.templates import format_explanation, load_template, parse_explanation, parse_verdict
@@ -396,7 +397,7 @@ def test_backoff_doubles_is_capped_and_jitter_stays_within_half_to_one_and_a_hal
 
         def fn():
             if next(calls) < n:
-                raise L._StatusError(503, "unavailable")
+                raise _StatusError(503, "unavailable")
             return "ok"
 
         return fn
@@ -1119,3 +1120,24 @@ def test_single_token_choices_in_one_forward_match_scoring_each_option(tokenizer
         batched = backend._next_token_logprobs(ctx_ids)[:, [o[0] for o in ids]]
     torch.testing.assert_close(batched, torch.tensor(table), atol=1e-4, rtol=1e-4)
     assert backend._choose(contexts, options) == expected
+
+
+def test_with_settings_derives_a_backend_that_shares_the_model(tokenizer):
+    from conftest import CHAT_TEMPLATE
+
+    tokenizer.chat_template = CHAT_TEMPLATE
+    judge = L.LocalBackend(tiny_llama(), tokenizer, "tiny", L.BackendSettings(temperature=0.0))
+    paraphraser = judge.with_settings(temperature=0.9, batch_size=3)
+    assert paraphraser.lm is judge.lm and paraphraser.tokenizer is judge.tokenizer
+    assert paraphraser.settings.temperature == 0.9 and paraphraser.batch_size == 3
+    assert judge.settings.temperature == 0.0 and judge.batch_size == 16  # unchanged
+    assert paraphraser.scaffolded and type(paraphraser) is L.LocalBackend
+    with pytest.raises(ValueError, match="cannot change"):
+        judge.with_settings(base_url="http://elsewhere")
+
+
+def test_make_backend_names_unknown_kinds_and_missing_models():
+    with pytest.raises(ConfigError, match="unknown backend 'nope'"):
+        L.make_backend("nope", "m", L.BackendSettings(), None, Path("."), L.RetryPolicy())
+    with pytest.raises(ConfigError, match="needs a provider model name"):
+        L.make_backend("openai", None, L.BackendSettings(), None, Path("."), L.RetryPolicy())

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,46 @@ def test_unknown_architecture_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="architecture Odd: no decoder block list found"):
         adapt(Odd())
+
+
+def test_pad_batch_pads_either_side_with_offsets_and_labels():
+    from nla_repro.models import IGNORE, pad_batch
+
+    right = pad_batch([[5, 6, 7], [8]], pad_id=0, labels=[[-1, 6, 7], [8]])
+    assert right.ids_BT.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right.mask_BT.tolist() == [[1, 1, 1], [1, 0, 0]] and right.offsets == [0, 0]
+    assert right.labels_BT.tolist() == [[-1, 6, 7], [8, IGNORE, IGNORE]]
+    left = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert left.ids_BT.tolist() == [[5, 6, 7], [0, 0, 8]] and left.offsets == [0, 2]
+    assert left.labels_BT is None
+    with pytest.raises(ValueError, match="padding side"):
+        pad_batch([[1]], 0, side="middle")
+
+
+def test_render_chat_turns_thinking_off_only_where_the_template_knows_it(tokenizer):
+    from nla_repro.models import render_chat
+
+    plain = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    qwen3_like = plain.replace(
+        "<|assistant|>{% endif %}",
+        "<|assistant|>{% if enable_thinking is defined and not enable_thinking %}"
+        "<think>\n\n</think>\n\n{% endif %}{% endif %}",
+    )
+    tokenizer.chat_template = plain
+    assert render_chat(tokenizer, "hi") == "<|user|>hi\n<|assistant|>"
+    tokenizer.chat_template = qwen3_like
+    assert render_chat(tokenizer, "hi") == "<|user|>hi\n<|assistant|><think>\n\n</think>\n\n"
+
+
+def test_chat_templates_and_padding_are_written_once():
+    """One chat-rendering function and one padding helper (models.py) serve every stage."""
+    src = Path(__file__).resolve().parents[1] / "src" / "nla_repro"
+    hand_padding = re.compile(r"torch\.full\(\(len\([^)]*\),\s*width\)")
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        if path.name != "models.py":
+            assert "apply_chat_template(" not in text, path
+            assert not hand_padding.search(text), path

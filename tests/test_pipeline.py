@@ -20,13 +20,13 @@ from transformers import AutoModelForCausalLM
 
 from nla_repro import config as C
 from nla_repro.__main__ import STAGES
-from nla_repro.cards import KINDS
-from nla_repro.evaluation import compute_metrics
+from nla_repro.evaluation.suite import compute_metrics
 from nla_repro.nla import load_ar
 from nla_repro.plots import CSV_NAMES
+from nla_repro.release.cards import KINDS
 from nla_repro.sae import load_sae
 from nla_repro.schemas import CORPUS, LABELS, activations_schema, read_parquet
-from nla_repro.stages.eval import read_rows
+from nla_repro.schemas import read_eval_rows as read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_FILES = [
@@ -91,7 +91,7 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     meta = yaml.safe_load((repo / C.ACTIVATIONS_META).read_text())
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (meta["layer"], meta["d_model"], meta["n_layers"]) == (20, 576, 30)
-    # The residual stream of this model has a large shared direction (DESIGN.md: norm ~238).
+    # The residual stream of this model has a large shared direction (mean norm ~238 at layer 20).
     assert 150 < meta["mean_norm"] < 350
     labels = read_parquet(repo / C.LABELS_PATH, LABELS)
     assert labels["doc_id"].tolist() == corpus["doc_id"].tolist()

@@ -15,9 +15,10 @@ from conftest import files_under, listed_files, write_finished_pipeline
 from invoke import MockContext, Result
 
 import tasks
-from nla_repro import cards, release
 from nla_repro import config as C
 from nla_repro.__main__ import main
+from nla_repro.release import cards
+from nla_repro.release import publish as release
 from nla_repro.stages import card as card_stage
 
 SENTINEL = "hf_SENTINELtoken0123456789"

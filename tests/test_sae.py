@@ -15,13 +15,14 @@ from conftest import TINY_MODELS, save_model_dir, tree_sha256, write_corpus
 from nla_repro import config as C
 from nla_repro.__main__ import main
 from nla_repro.io import ChunkStore
-from nla_repro.models import residual_at_layer, tokenize
+from nla_repro.models import pad_batch, residual_at_layer, tokenize
 from nla_repro.sae import (
     DeadLatents,
     TopKSAE,
     evaluate,
     fit,
     geometric_median,
+    lm_loss_recovered,
     load_sae,
     loss_recovered,
     next_token_loss,
@@ -30,8 +31,9 @@ from nla_repro.sae import (
     shuffled_batches,
     splice_layer,
 )
+from nla_repro.sae.activations import Shards
+from nla_repro.sae.training import Trainer
 from nla_repro.stages import sae as sae_stage
-from nla_repro.stages.extract import pad_batch
 
 
 def sparse_data(n: int, d: int, n_dirs: int, k: int, seed: int = 0):
@@ -186,7 +188,7 @@ def test_killed_sae_training_resumes_to_the_same_weights(in_tmp, monkeypatch):
     shutil.rmtree(C.SAE_DIR)
 
     calls = {"n": 0}
-    step = sae_stage.Trainer.train_step
+    step = Trainer.train_step
 
     def dies_at_step_12(self, x):
         calls["n"] += 1
@@ -194,11 +196,11 @@ def test_killed_sae_training_resumes_to_the_same_weights(in_tmp, monkeypatch):
             raise KeyboardInterrupt
         return step(self, x)
 
-    monkeypatch.setattr(sae_stage.Trainer, "train_step", dies_at_step_12)
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_12)
     with pytest.raises(KeyboardInterrupt):
         sae_stage.run(stage_params())
     assert [p.name for p in (C.SAE_DIR / "checkpoints").iterdir()] == ["step_10"]
-    monkeypatch.setattr(sae_stage.Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", step)
     calls["n"] = 0
     counting = step
 
@@ -206,7 +208,7 @@ def test_killed_sae_training_resumes_to_the_same_weights(in_tmp, monkeypatch):
         calls["n"] += 1
         return counting(self, x)
 
-    monkeypatch.setattr(sae_stage.Trainer, "train_step", counted)
+    monkeypatch.setattr(Trainer, "train_step", counted)
     resumed = sae_stage.run(stage_params())
     assert calls["n"] == 10  # steps 11..20 only
     # Every byte of the DVC outputs equal (weights, checkpoints, curve, sidecar, metrics, plots):
@@ -255,19 +257,19 @@ def test_outlier_tokens_are_dropped_at_read_time(tmp_path):
     norms = np.linalg.norm(vecs, axis=1).astype(np.float32)
     table = pa.table({"norm": pa.array(norms), "vector": vectors_to_arrow(vecs)})
     store.write(0, table)
-    shards = sae_stage.Shards(store, 1, torch.float32, max_norm=10 * float(np.median(norms)))
+    shards = Shards(store, 1, torch.float32, max_norm=10 * float(np.median(norms)))
     assert len(shards.load(0)) == 3
     np.testing.assert_allclose(shards.norms(), norms)
-    assert len(sae_stage.Shards(store, 1, torch.float32).load(0)) == 4
+    assert len(Shards(store, 1, torch.float32).load(0)) == 4
 
 
 @pytest.mark.parametrize("model_name", sorted(TINY_MODELS))
 def test_identity_splice_recovers_all_the_loss_and_zeros_cost_some(tokenizer, model_name):
     model = TINY_MODELS[model_name]()
     tokens = tokenize(tokenizer, STAGE_TEXTS[:6], 32)
-    ids, mask, _ = pad_batch(tokens, tokenizer.pad_token_id, "right")
+    ids, mask, _, _ = pad_batch(tokens, tokenizer.pad_token_id, "right")
     identity = torch.nn.Identity()
-    out = sae_stage.lm_loss_recovered(
+    out = lm_loss_recovered(
         model, identity, tokens, set(tokenizer.all_special_ids), 2, 0, float("inf"), 4
     )
     assert out["sae"] == out["clean"] and out["recovered"] == 1.0

@@ -22,12 +22,14 @@ from conftest import save_model_dir, tiny_llama, tree_sha256, write_corpus
 from safetensors.torch import load_file
 
 from nla_repro import config as C
-from nla_repro import trainer
 from nla_repro.__main__ import main
+from nla_repro.io import sha256_file
 from nla_repro.models import load_base
 from nla_repro.nla import ActivationVerbalizer, load_ar, load_av, lora
 from nla_repro.stages import extract, label
 from nla_repro.templates import load_template
+from nla_repro.training import run as training_run
+from nla_repro.training import sft as trainer
 
 TEXTS = [
     f"Note {i}: the {w} river floods the town after rain."
@@ -195,19 +197,19 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(repo, stage, out):
     full, full_metrics = tree_sha256(out), C.SFT_METRICS[stage[4:]].read_bytes()
     shutil.rmtree(out)
     # Crash right after the step-4 checkpoint, as a kill would.
-    save = trainer.save_checkpoint
+    save = training_run.TrainingRun.save
 
-    def crash_after_4(*args):
-        save(*args)
-        if args[5] == 4:
+    def crash_after_4(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == 4:
             raise RuntimeError("simulated crash")
 
-    trainer.save_checkpoint = crash_after_4
+    training_run.TrainingRun.save = crash_after_4
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_stage(stage, params)
     finally:
-        trainer.save_checkpoint = save
+        training_run.TrainingRun.save = save
     assert not list(out.glob("*.safetensors"))
     calls = []
     real = trainer.BatchOrder.__call__
@@ -232,8 +234,7 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(repo, stage, out):
 def test_changed_training_code_discards_stale_checkpoints(repo, monkeypatch):
     code = repo / "fake_module.py"
     code.write_text("x = 1\n")
-    monkeypatch.setattr(trainer, "code_files", lambda name: [code])
-    monkeypatch.setattr(trainer, "PACKAGE", repo / "pkg")
+    monkeypatch.setattr(trainer, "code_sha256", lambda stage: {"fake_module.py": sha256_file(code)})
     assert run_stage("sft_ar", sft_params()) == 0
     before = yaml.safe_load((C.AR_DIR / "checkpoints/step_2/nla_meta.yaml").read_text())
     code.write_text("x = 2\n")
@@ -253,12 +254,12 @@ def test_changed_params_discard_stale_checkpoints(repo):
 
 SLOW_SFT = """
 import sys, time
-import nla_repro.trainer as t
-save = t.save_checkpoint
+from nla_repro.training.run import TrainingRun
+save = TrainingRun.save
 def slow_save(*args, **kwargs):
     save(*args, **kwargs)
     time.sleep(1.0)
-t.save_checkpoint = slow_save
+TrainingRun.save = slow_save
 from nla_repro.__main__ import main
 sys.exit(main(["sft_av"]))
 """

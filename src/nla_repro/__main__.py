@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             killed = platform.kill_tree(args.pid)
             print(f"killed {len(killed)} process(es): {' '.join(map(str, killed))}")
         elif args.command == "release":
-            from nla_repro.release import release
+            from nla_repro.release.publish import release
 
             params = C.load_params(args.params)
             release(params, args.version, args.org, args.push, private=not args.public)

@@ -1,5 +1,10 @@
 """Typed params: `params.yaml` -> one frozen dataclass per stage section.
 
+Why one module of this size: every param of every stage is declared here once, with its type,
+default and a docstring, and checked in one place; the params reference of the docs is
+generated from it, and profiles are checked against it. Splitting it would split that one
+source.
+
 The dataclass defaults ARE the embedded default profile; `params.yaml` is written from them
 (`python -m nla_repro profile default`). Named profiles under `nla_repro/profiles/` are partial
 overrides of that default. Every check of a param's type or range lives here.
@@ -358,7 +363,7 @@ class AVConfig(TrainConfig):
     injection_scale: float | Literal["embed_norm"] | None = None
     """Injected embedding is v * scale / ||v||: a number, embed_norm (mean row norm of the
     embedding output), or null for the raw vector (the first lever against an AV that
-    ignores the vector, see DESIGN.md)."""
+    ignores the vector: docs/concepts/failure-modes.md)."""
     n_prefix: int = 4
     """Learned prefix embeddings after the projected vector (kind prefix)."""
     prompt: str = "av.v1"
@@ -424,6 +429,22 @@ class EvalConfig:
     judge_rows: int = 32
     """Judge the first this many evaluated rows (0: all). The local 135M judge costs a third
     of the default's eval time and is a weak instrument: a sample of 32 shows it works."""
+    judge_base_url: str | None = None
+    """Provider endpoint override for the judge and paraphraser (a proxy, a test server)."""
+    judge_batch_size: int = 16
+    """Prompts per judge call (the local judge generates them together, left-padded)."""
+    judge_max_new_tokens: int = 32
+    """Length cap of one judge or paraphraser response, in tokens."""
+    judge_max_attempts: int = 3
+    """Tries per row when a judge or paraphraser response does not parse."""
+    judge_max_retries: int = 5
+    """Retries of a rate-limited, failing or malformed judge call."""
+    judge_backoff_base_s: float = 1.0
+    """First retry delay of a judge call; doubles per retry, with jitter."""
+    judge_backoff_max_s: float = 60.0
+    """Cap of one retry delay of a judge call."""
+    judge_timeout_s: float = 60.0
+    """Timeout of one provider request of the judge."""
     n_boot: int = 2000
     """Bootstrap resamples of every 95% interval."""
     seed: int = 0
@@ -432,6 +453,11 @@ class EvalConfig:
     def validate(self, where: str) -> None:
         for name in ("max_new_tokens", "batch_size", "chunk_rows", "n_boot", "temperature"):
             _positive(self, name, where)
+        for name in ("judge_batch_size", "judge_max_new_tokens", "judge_max_attempts"):
+            _positive(self, name, where)
+        if min(self.judge_max_retries, self.judge_backoff_base_s, self.judge_backoff_max_s) < 0:
+            raise ConfigError(f"{where}: judge retries and backoffs must be >= 0")
+        _positive(self, "judge_timeout_s", where)
         if min(self.rows, self.samples, self.paraphrases, self.judge_rows) < 0:
             raise ConfigError(f"{where}: rows, samples, paraphrases, judge_rows must be >= 0")
         if self.pool_split == self.split:

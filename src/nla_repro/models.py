@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -139,6 +140,75 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)[
         "input_ids"
     ]
+
+
+IGNORE = -100
+"""Label of a position that carries no loss (the cross-entropy ignore index)."""
+
+
+class Padded(NamedTuple):
+    """A padded batch of token sequences."""
+
+    ids_BT: torch.Tensor
+    """Token ids, pad_id where there is no token."""
+    mask_BT: torch.Tensor
+    """1 on real tokens, 0 on padding."""
+    offsets: list[int]
+    """Per row: the column of its first real token (0 with right padding)."""
+    labels_BT: torch.Tensor | None
+    """The `labels` sequences padded the same way with IGNORE, when given."""
+
+
+def pad_batch(
+    seqs: list[list[int]],
+    pad_id: int,
+    side: str = "right",
+    labels: list[list[int]] | None = None,
+    device: torch.device | str | None = None,
+) -> Padded:
+    """The one padding helper: token lists -> ids, mask, offsets (and labels) on `device`.
+    Position ids come from the mask (`position_ids_from_mask`), so either side gives the same
+    activations as unpadded inputs."""
+    if side not in ("right", "left"):
+        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    lab = torch.full_like(ids, IGNORE) if labels is not None else None
+    offsets = []
+    for row, tokens in enumerate(seqs):
+        start = width - len(tokens) if side == "left" else 0
+        ids[row, start : start + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, start : start + len(tokens)] = 1
+        if lab is not None:
+            row_labels = labels[row]
+            lab[row, start : start + len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+        offsets.append(start)
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+        lab = lab.to(device) if lab is not None else None
+    return Padded(ids, mask, offsets, lab)
+
+
+def batch_slices(n: int, size: int) -> Iterator[slice]:
+    """slice(0, size), slice(size, 2 size), ... covering range(n)."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def render_chat(tokenizer, prompt: str) -> str:
+    """One user turn through the tokenizer's chat template, ready for the assistant's reply.
+    Templates that know `enable_thinking` (Qwen3-style) get it False: otherwise the model
+    spends its whole generation budget inside a think block."""
+    extra = {"enable_thinking": False} if "enable_thinking" in _chat_template(tokenizer) else {}
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, **extra
+    )
+
+
+def _chat_template(tokenizer) -> str:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return template if isinstance(template, str) else " ".join(map(str, template.values()))
 
 
 def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from nla_repro import evaluation as E
+from nla_repro.evaluation.measures import cosine_matrix
+from nla_repro.evaluation.registry import Results, ablation_key
 from nla_repro.io import atomic_path, write_text
 from nla_repro.schemas import EVAL_CONDITIONS
 
@@ -40,8 +41,9 @@ def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path 
     k_curve.csv, ablation.csv for `dvc plots show`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = metrics["n"]
-    floor = metrics["centred"]["random_floor"]
+    m = Results({"eval": metrics})
+    n = m.value("eval_n")
+    floor = {"cos": m.value("random_floor_cos"), "fve_cen": m.value("random_floor_fve_cen")}
 
     # Per-row round trip, sorted, against the random floor.
     order = np.argsort(rows["fve_cen_greedy"].to_numpy())
@@ -83,7 +85,7 @@ def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path 
         ax.plot(k_df["k"], k_df["logprob_rerank"], "s-", label="AV log-prob rerank")
         ax.set_xscale("log", base=2)
         ax.set_xticks(k_df["k"], [str(int(k)) for k in k_df["k"]])
-    ceiling = metrics["centred"]["paraphrase_ceiling"]["fve_cen"]["mean"]
+    ceiling = m.value("paraphrase_ceiling_fve_cen")
     if ceiling is not None:
         ax.axhline(ceiling, ls=":", c="k", lw=1, label="paraphrase ceiling")
     ax.axhline(floor["fve_cen"], ls="--", c="grey", lw=1, label="random floor")
@@ -92,19 +94,18 @@ def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path 
     _save(fig, out / "k_curve.png")
 
     # Content-blindness ablation with 95% intervals.
-    abl = metrics["ablation"]
     ab_df = pd.DataFrame(
         {
             "condition": list(EVAL_CONDITIONS),
-            "cos": [abl[c]["cos"]["mean"] for c in EVAL_CONDITIONS],
-            "fve_cen": [abl[c]["fve_cen"]["mean"] for c in EVAL_CONDITIONS],
+            "cos": [m.value(ablation_key(c, "cos")) for c in EVAL_CONDITIONS],
+            "fve_cen": [m.value(ablation_key(c, "fve_cen")) for c in EVAL_CONDITIONS],
         }
     )
     _csv(ab_df, out / "ablation.csv")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, view in zip(axes, ("cos", "fve_cen"), strict=True):
-        means = np.array([abl[c][view]["mean"] for c in EVAL_CONDITIONS])
-        cis = np.array([abl[c][view]["ci95"] for c in EVAL_CONDITIONS], dtype=float)
+        means = np.array([m.value(ablation_key(c, view)) for c in EVAL_CONDITIONS])
+        cis = np.array([m.ci(ablation_key(c, view)) for c in EVAL_CONDITIONS], dtype=float)
         err = np.abs(cis.T - means)
         ax.bar(EVAL_CONDITIONS, means, yerr=err, capsize=3, color="C0")
         base = floor[view]
@@ -119,20 +120,18 @@ def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path 
     _save(fig, out / "ablation.png")
 
     # Cross-row identity, centred: a diagonal means each reconstruction points at its own row.
-    c = E.cosine_matrix(
+    c = cosine_matrix(
         np.stack(rows["rec_greedy"].to_list()), np.stack(rows["target"].to_list()), mu
     )
     fig, ax = plt.subplots(figsize=(5, 4.4))
     im = ax.imshow(c, cmap="RdBu_r", vmin=-1, vmax=1)
     fig.colorbar(im, ax=ax, shrink=0.8)
-    ident = metrics["identity"]["centred"]
+    hits = m.count("identity_argmax_accuracy")
+    n_ident = m.n_value("identity_argmax_accuracy")
     ax.set(
         xlabel="target row j",
         ylabel="reconstruction of row i",
-        title=(
-            f"centred cos(AR(AV(v_i)), v_j): argmax {ident['argmax_hits']}/{ident['n']} "
-            f"(chance 1/{ident['n']})"
-        ),
+        title=(f"centred cos(AR(AV(v_i)), v_j): argmax {hits}/{n_ident} (chance 1/{n_ident})"),
     )
     ax.title.set_fontsize(9)
     _save(fig, out / "identity.png")
@@ -152,7 +151,8 @@ def sae_plots(density_S: np.ndarray, history: list[dict], metrics: dict, out_dir
         pd.DataFrame({"log10_density": np.round(edges[:-1], 3), "latents": counts}),
         out / "density.csv",
     )
-    n = metrics["n_tokens"]
+    m = Results({"sae": metrics})
+    n = m.n_value("explained_variance")
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.stairs(counts, edges, fill=True, alpha=0.7)
     ax.axvline(np.log10(1 / max(n, 1)), ls="--", c="grey", lw=1, label="fires once")
@@ -176,7 +176,7 @@ def sae_plots(density_S: np.ndarray, history: list[dict], metrics: dict, out_dir
     ax.set(
         xlabel="training tokens",
         ylabel="FVU (batch)",
-        title=f"held-out explained variance {metrics['explained_variance']:.3f}",
+        title=f"held-out explained variance {m.value('explained_variance'):.3f}",
     )
     ax.legend(loc="upper right", fontsize=8)
     _save(fig, out / "train_curve.png")

@@ -1,4 +1,5 @@
-"""pandera schemas of every parquet the stages exchange, and the one way stages read them.
+"""pandera schemas of every parquet the stages exchange, the one way stages read them, and the
+Arrow layout of the eval rows (vectors as fixed-size float32 lists, metric inputs in metadata).
 
 Validation is lazy (all failures at once); `validate` turns pandera's failure table into a
 DataValidationError that names the file, each failing column and check, and the rows.
@@ -6,6 +7,7 @@ DataValidationError that names the file, each failing column and check, and the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from nla_repro.errors import DataValidationError
+from nla_repro.io import vectors_to_arrow
 
 SPLITS = ("train", "val", "test")
 MAX_ROWS_SHOWN = 8
@@ -134,7 +137,7 @@ def pairs_schema(d_model: int) -> pa.DataFrameSchema:
     )
 
 
-# What the eval stage feeds the AR besides the AV's greedy output (DESIGN.md "Metrics"):
+# What the eval stage feeds the AR besides the AV's greedy output (docs/concepts/metrics.md):
 # replay = the source label, empty = "", unrelated = another row's document text, gibberish =
 # random vocabulary tokens. Each has a reconstructed vector and its scores per eval row.
 EVAL_CONDITIONS = ("greedy", "replay", "empty", "unrelated", "gibberish")
@@ -272,3 +275,58 @@ def read_parquet(path: Path | str, schema: pa.DataFrameSchema) -> pd.DataFrame:
     except (OSError, pa_arrow.ArrowInvalid) as err:
         raise DataValidationError(f"{path}: not a readable parquet file: {err}") from None
     return validate(table.to_pandas(), schema, path)
+
+
+# --- data/eval/rows.parquet: vectors as fixed-size float32 lists, the metric inputs in the
+# parquet metadata
+
+
+META_KEY = b"nla_eval"
+
+
+VECTOR_COLUMNS = ("target", *(f"rec_{c}" for c in EVAL_CONDITIONS))
+
+
+LIST_TYPES = {
+    "samples": pa_arrow.list_(pa_arrow.string()),
+    "paraphrases": pa_arrow.list_(pa_arrow.string()),
+    "claims": pa_arrow.list_(pa_arrow.string()),
+    "sample_logprob": pa_arrow.list_(pa_arrow.float64()),
+    "sample_cos": pa_arrow.list_(pa_arrow.float64()),
+    "sample_fve_cen": pa_arrow.list_(pa_arrow.float64()),
+    "para_cos": pa_arrow.list_(pa_arrow.float64()),
+    "para_fve_cen": pa_arrow.list_(pa_arrow.float64()),
+    "claim_delta_mse": pa_arrow.list_(pa_arrow.float64()),
+}
+
+
+def eval_rows_to_arrow(df: pd.DataFrame, meta: dict | None = None) -> pa_arrow.Table:
+    arrays, names = [], []
+    for col in df.columns:
+        if col in VECTOR_COLUMNS:
+            arr = vectors_to_arrow(np.stack(df[col].to_list()).astype(np.float32))
+        elif col in LIST_TYPES:
+            arr = pa_arrow.array([list(v) for v in df[col]], type=LIST_TYPES[col])
+        else:
+            arr = pa_arrow.array(df[col].to_numpy())
+        arrays.append(arr)
+        names.append(col)
+    table = pa_arrow.Table.from_arrays(arrays, names=names)
+    if meta is not None:
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    return table
+
+
+def read_eval_rows(path: Path | str, d_model: int) -> tuple[pd.DataFrame, dict]:
+    """rows.parquet, validated, and its metadata (mu, rawvar, seeds, models, judge)."""
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    return validate(eval_rows_from_arrow(table), eval_rows_schema(d_model), path), meta
+
+
+def eval_rows_from_arrow(table: pa_arrow.Table) -> pd.DataFrame:
+    df = table.to_pandas()
+    for col in LIST_TYPES:
+        if col in df:
+            df[col] = [list(v) for v in df[col]]
+    return df

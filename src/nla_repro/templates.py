@@ -128,3 +128,22 @@ def parse_verdict(response: str) -> Verdict:
             return Verdict(error=f"corrected explanation unusable: {corrected.error}")
         return Verdict(verdict=verdict, reason=reason, corrected=corrected)
     return Verdict(verdict=verdict, reason=reason)
+
+
+def claims(explanation: str) -> list[str]:
+    """The claims of an explanation: its features when it parses, otherwise its non-empty
+    lines (tags and bullets stripped), otherwise its sentences."""
+    parsed = parse_explanation(explanation)
+    if parsed.ok:
+        return list(parsed.features)
+    body = explanation.replace(OPEN_TAG, "\n").replace(CLOSE_TAG, "\n")
+    lines = [re.sub(r"^\s*[-*•]\s*", "", ln).strip() for ln in body.splitlines()]
+    lines = [ln for ln in lines if ln]
+    if len(lines) == 1:
+        lines = [s.strip() for s in re.split(r"(?<=[.!?])\s+", lines[0]) if s.strip()]
+    return lines
+
+
+def join_claims(parts: list[str]) -> str:
+    """An explanation made of these claims, in the canonical format."""
+    return format_explanation(parts) if parts else ""

@@ -26,6 +26,7 @@ from nla_repro import config as C
 from nla_repro.errors import SourceError
 from nla_repro.io import atomic_path, sha256_file, write_yaml
 from nla_repro.models import adapt
+from nla_repro.pipeline import stage_view
 from nla_repro.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def describe_model_dir(model_dir: Path) -> dict:
 
 
 def run(params: C.Params, out_dir: Path = C.BASE_DIR) -> dict:
+    params = stage_view(params, "base")
     cfg = params.base
     with atomic_path(out_dir) as tmp:
         if cfg.source == "smollm2_wheel":

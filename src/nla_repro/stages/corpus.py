@@ -24,8 +24,10 @@ from tqdm import tqdm
 from nla_repro import config as C
 from nla_repro.errors import SourceError
 from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
-from nla_repro.models import load_base, read_base_meta
+from nla_repro.models import load_base, read_base_meta, render_chat
+from nla_repro.pipeline import code_sha256, stage_view
 from nla_repro.schemas import CORPUS, validate
+from nla_repro.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,14 @@ def generate_families(cfg: C.CorpusConfig, base: C.BaseConfig, work_root: Path) 
     prompts_sha = sha256_file(Path(C.__file__).parent / "prompts" / "corpus_families.yaml")
     store = ChunkStore(
         work_root / "corpus",
-        fingerprint(meta["files"], cfg, base.quantization, base.compute_dtype, prompts_sha),
+        fingerprint(
+            meta["files"],
+            cfg,
+            base.quantization,
+            base.compute_dtype,
+            prompts_sha,
+            code_sha256("corpus"),
+        ),
     )
     batches = [jobs[i : i + cfg.gen_batch_size] for i in range(0, len(jobs), cfg.gen_batch_size)]
     todo = [i for i in range(len(batches)) if not store.done(i)]
@@ -93,15 +102,11 @@ def generate_families(cfg: C.CorpusConfig, base: C.BaseConfig, work_root: Path) 
 
 
 def _generate_batch(model, tokenizer, batch, cfg: C.CorpusConfig, seed: int) -> list[str]:
-    chats = [[{"role": "user", "content": prompt}] for _, prompt in batch]
-    rendered = [
-        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        for chat in chats
-    ]
+    rendered = [render_chat(tokenizer, prompt) for _, prompt in batch]
     enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
     enc = enc.to(model.device)
     # Seeded per batch, so a resumed run draws the same samples as an uninterrupted one.
-    torch.manual_seed(cfg.seed * 1_000_003 + seed)
+    torch.manual_seed(derive_seed(cfg.seed, 0, seed))
     with torch.inference_mode():
         out = model.generate(
             **enc,
@@ -245,6 +250,7 @@ def assemble(frames: list[pd.DataFrame], cfg: C.CorpusConfig) -> tuple[pd.DataFr
 
 
 def run(params: C.Params, out: Path = C.CORPUS_PATH, work_root: Path = C.WORK_DIR) -> dict:
+    params = stage_view(params, "corpus")
     cfg = params.corpus
     frames = [generate_families(cfg, params.base, work_root), pydoc_paragraphs(cfg)]
     frames += [read_text_file(Path(f), cfg.text_column) for f in cfg.files]

@@ -33,7 +33,15 @@ from nla_repro.io import (
     write_parquet,
     write_yaml,
 )
-from nla_repro.models import adapt, load_base, read_base_meta, residual_at_layer, tokenize
+from nla_repro.models import (
+    adapt,
+    load_base,
+    pad_batch,
+    read_base_meta,
+    residual_at_layer,
+    tokenize,
+)
+from nla_repro.pipeline import code_sha256, stage_view
 from nla_repro.schemas import CORPUS, activations_schema, read_parquet, validate
 
 log = logging.getLogger(__name__)
@@ -53,27 +61,11 @@ def pick_positions(n_tokens: int, doc_id: str, cfg: C.ExtractConfig) -> list[int
     return sorted(int(p) for p in rng.choice(np.arange(lo, n_tokens), size=k, replace=False))
 
 
-def pad_batch(
-    token_lists: list[list[int]], pad_id: int, side: str
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Padded ids, attention mask, and each row's offset of its first real token."""
-    width = max(len(t) for t in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    offsets = []
-    for row, tokens in enumerate(token_lists):
-        start = width - len(tokens) if side == "left" else 0
-        ids[row, start : start + len(tokens)] = torch.tensor(tokens)
-        mask[row, start : start + len(tokens)] = 1
-        offsets.append(start)
-    return ids, mask, offsets
-
-
 def extract_batch(
     model, token_lists: list[list[int]], positions: list[list[int]], layer: int, pad_id: int, side
 ) -> np.ndarray:
     """Vectors (sum of positions, d) for one batch, in row-then-position order."""
-    ids, mask, offsets = pad_batch(token_lists, pad_id, side)
+    ids, mask, offsets, _ = pad_batch(token_lists, pad_id, side)
     device = next(model.parameters()).device
     hidden_BTD = residual_at_layer(model, ids.to(device), mask.to(device), layer)
     rows = torch.tensor([r for r, pos in enumerate(positions) for _ in pos])
@@ -99,6 +91,7 @@ def pool_stats(vectors_ND: np.ndarray) -> dict:
 
 
 def run(params: C.Params, work_root: Path = C.WORK_DIR) -> dict:
+    params = stage_view(params, "extract")
     cfg, base = params.extract, params.base
     corpus = read_parquet(C.CORPUS_PATH, CORPUS)
     meta = read_base_meta(C.BASE_DIR)
@@ -117,7 +110,14 @@ def run(params: C.Params, work_root: Path = C.WORK_DIR) -> dict:
     chunks = [batches[i : i + cfg.chunk_batches] for i in range(0, len(batches), cfg.chunk_batches)]
     store = ChunkStore(
         work_root / "extract",
-        fingerprint(corpus_sha, meta["files"], cfg, base.quantization, base.compute_dtype),
+        fingerprint(
+            corpus_sha,
+            meta["files"],
+            cfg,
+            base.quantization,
+            base.compute_dtype,
+            code_sha256("extract"),
+        ),
     )
 
     total = sum(len(t) for t in tokens)

@@ -22,11 +22,13 @@ import transformers
 from tqdm import tqdm
 
 from nla_repro import config as C
-from nla_repro import labelers as L
+from nla_repro import labeling as L
 from nla_repro.errors import NlaError
 from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
 from nla_repro.models import read_base_meta, tokenize
+from nla_repro.pipeline import stage_view
 from nla_repro.schemas import CORPUS, LABELS, read_parquet, validate
+from nla_repro.seeds import derive_seed
 from nla_repro.templates import load_template, parse_explanation, parse_verdict
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,12 @@ def label_rows(
         ok = [i for i, (p, _, _) in enumerate(first) if p is not None and p.ok]
         audit_fields = [fields[i] | {"explanation": first[i][0].text} for i in ok]
         results = L.ask_until_parsed(
-            backends["auditor"], auditor_t, audit_fields, parse_verdict, cfg.max_attempts, seed + 1
+            backends["auditor"],
+            auditor_t,
+            audit_fields,
+            parse_verdict,
+            cfg.max_attempts,
+            derive_seed(seed, 1, stream="offset"),
         )
         audits = dict(zip(ok, results, strict=True))
 
@@ -128,6 +135,7 @@ def estimated_cost(cfg: C.LabelConfig, input_tokens: int, output_tokens: int) ->
 
 
 def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
+    params = stage_view(params, "label")
     cfg = params.label
     corpus = read_parquet(C.CORPUS_PATH, CORPUS)
     rows = corpus[corpus["split"].isin(cfg.splits)].reset_index(drop=True)
@@ -197,17 +205,22 @@ def run(params: C.Params, chunk_root: Path = C.LABEL_CHUNKS_DIR) -> dict:
                 log.warning("label: estimated cost $%.4f reached the cap; stopping", cost)
                 break
             if not backends and cfg.mode != "source_text":
-                labeler = L.make_backend(cfg, params.base, C.BASE_DIR, policy)
+                settings = L.BackendSettings.of(cfg)
+                labeler = L.make_backend(
+                    cfg.backend, labeler_model, settings, params.base, C.BASE_DIR, policy
+                )
                 auditor = labeler
                 if (
                     cfg.backend != "local"
                     and auditor_model != labeler_model
                     and cfg.mode == "two-pass"
                 ):
-                    auditor = L.REMOTE_BACKENDS[cfg.backend](auditor_model, cfg, policy)
+                    auditor = L.make_backend(
+                        cfg.backend, auditor_model, settings, params.base, C.BASE_DIR, policy
+                    )
                 backends = {"labeler": labeler, "auditor": auditor}
             part = rows.iloc[chunk.start : chunk.stop]
-            seed = cfg.seed * 1_000_003 + c * 10_007
+            seed = derive_seed(cfg.seed, c)
             cols = label_rows(part, backends, cfg, (labeler_t, auditor_t), seed)
             table = pa.table(
                 {

@@ -12,11 +12,13 @@ import torch
 from nla_repro import config as C
 from nla_repro.models import load_base, read_base_meta
 from nla_repro.nla import build_ar
+from nla_repro.pipeline import stage_view
 from nla_repro.templates import load_template
-from nla_repro.trainer import stage_run, train
+from nla_repro.training.sft import stage_run, train
 
 
 def run(params: C.Params) -> dict:
+    params = stage_view(params, "sft_ar")
     cfg, base = params.ar, params.base
     meta = read_base_meta(C.BASE_DIR)
     num_layers = params.ar_layers
@@ -28,4 +30,4 @@ def run(params: C.Params) -> dict:
     torch.manual_seed(cfg.seed)  # LoRA, head and prefix initialisation
     ar = build_ar(model, tokenizer, load_template(cfg.prompt), cfg, num_layers)
     run_, pairs = stage_run(params, "ar", C.AR_DIR, ar.describe())
-    return train(ar, *pairs["train"], *pairs["val"], cfg, run_)
+    return train(ar, *pairs["train"], *pairs["val"], cfg, run_, C.SFT_METRICS["ar"])

@@ -22,8 +22,9 @@ from nla_repro.nla import (
     mean_embedding_norm,
     template_record,
 )
+from nla_repro.pipeline import stage_view
 from nla_repro.templates import PromptTemplate, load_template
-from nla_repro.trainer import stage_run, train
+from nla_repro.training.sft import stage_run, train
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def build_av(params: C.Params, model, tokenizer, template: PromptTemplate):
 
 
 def run(params: C.Params) -> dict:
+    params = stage_view(params, "sft_av")
     cfg, base = params.av, params.base
     model, tokenizer = load_base(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
     torch.manual_seed(cfg.seed)  # LoRA, head and prefix initialisation
@@ -60,4 +62,4 @@ def run(params: C.Params) -> dict:
         "templates": {"av": template_record(template)},
     }
     run_, pairs = stage_run(params, "av", C.AV_DIR, extra)
-    return train(av, *pairs["train"], *pairs["val"], cfg, run_)
+    return train(av, *pairs["train"], *pairs["val"], cfg, run_, C.SFT_METRICS["av"])

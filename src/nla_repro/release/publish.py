@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nla_repro import cards
 from nla_repro import config as C
 from nla_repro.errors import NlaError
+from nla_repro.evaluation.registry import SOURCES
 from nla_repro.io import atomic_path, sha256_file, write_text, write_yaml
+from nla_repro.release import cards
 from nla_repro.secrets import get_secret, redact
 
 SUMS = "SHA256SUMS"
@@ -113,7 +114,7 @@ def preflight(version: str, root: Path | str = ".") -> str:
                 "dvc.lock"
             )
     for path in [
-        *cards.METRIC_FILES.values(),
+        *SOURCES.values(),
         *(C.CARDS_DIR / k / "README.md" for k in cards.KINDS),
     ]:
         if not (root / path).exists():

@@ -1,42 +1,45 @@
-"""Labeling backends behind one interface, with retries, backoff and a quota watchdog.
+"""Label backends behind one interface: `local` (the base instruct model through its chat
+template, batched; the offline default), `anthropic`, `openai` and `gemini` through their
+official SDKs (imported only when chosen; their own retries are off so that one policy,
+`labeling.retry`, governs all), and the `gemini` CLI as a subprocess. Keys come from the
+environment only; every error message is redacted.
 
-Backends: `local` (the base instruct model through its chat template, batched; the offline
-default), `anthropic`, `openai` and `gemini` through their official SDKs (imported only when
-chosen; their own retries are off so that one policy here governs all), and the `gemini` CLI
-as a subprocess. Keys come from the environment only; every error message is redacted.
-"""
+A backend's generation settings are a `BackendSettings`; `backend.with_settings(...)` derives
+a backend with other sampling settings that shares the loaded model or client."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-import logging
-import random
 import re
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nla_repro import platform
-from nla_repro.errors import ConfigError, NlaError
-from nla_repro.models import load_base, read_base_meta
-from nla_repro.secrets import get_secret, redact
-
-log = logging.getLogger(__name__)
+from nla_repro.errors import ConfigError
+from nla_repro.labeling.retry import (
+    ProviderError,
+    RetryPolicy,
+    _StatusError,
+    call_with_retry,
+    classify,
+)
+from nla_repro.models import load_base, pad_batch, read_base_meta, render_chat
+from nla_repro.secrets import get_secret
+from nla_repro.seeds import derive_seed
 
 KEY_ENV = {
     "anthropic": ("ANTHROPIC_API_KEY",),
     "openai": ("OPENAI_API_KEY",),
     "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
 }
-# A 429 whose text says the quota is per day will not clear in seconds: wait, then resume.
-DAILY_QUOTA = re.compile(r"per[ _-]?day|daily|PerDay", re.I)
 
 
 @dataclass
@@ -51,99 +54,30 @@ class Completion:
     error: str = ""
 
 
-class ProviderError(NlaError):
-    """A failed call, classified: rate_limit, quota, transient, malformed or fatal."""
+@dataclass(frozen=True)
+class BackendSettings:
+    """How a backend generates (the label stage fills it from `label.*`, the eval's judge and
+    paraphraser from `eval.judge_*`)."""
 
-    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(redact(message))
-        self.kind = kind
-        self.retry_after = retry_after
+    batch_size: int = 16
+    """Prompts per `complete` call (the local backend generates them together)."""
+    max_new_tokens: int = 96
+    """Length cap of one response, in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy; the anthropic SDK 2.x takes none)."""
+    base_url: str | None = None
+    """Provider endpoint override (a proxy, a batch gateway, a test server)."""
+    timeout_s: float = 60.0
+    """Timeout of one provider request."""
 
-
-class QuotaDeadlineExceeded(NlaError):
-    """The daily quota did not come back before label.quota_deadline_h."""
-
-
-def _retry_after(err: Exception) -> float | None:
-    headers = getattr(getattr(err, "response", None), "headers", None) or {}
-    value = headers.get("retry-after") if hasattr(headers, "get") else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def classify(err: Exception) -> ProviderError:
-    """Map an SDK, HTTP or subprocess error to what the retry policy should do with it."""
-    if isinstance(err, ProviderError):
-        return err
-    name = type(err).__name__
-    status = getattr(err, "status_code", None) or getattr(err, "code", None)
-    message = f"{name}: {err}"
-    if status == 429 or "RESOURCE_EXHAUSTED" in message:
-        kind = "quota" if DAILY_QUOTA.search(message) else "rate_limit"
-        return ProviderError(kind, message, _retry_after(err))
-    if isinstance(status, int) and status >= 500:
-        return ProviderError("transient", message, _retry_after(err))
-    if isinstance(err, TimeoutError | subprocess.TimeoutExpired) or re.search(
-        r"Timeout|Connection|ReadError|RemoteProtocol", name
-    ):
-        return ProviderError("transient", message)
-    if isinstance(err, json.JSONDecodeError | ValueError | KeyError | IndexError) or re.search(
-        r"Decode|Validation|ResponseValidation", name
-    ):
-        return ProviderError("malformed", message)
-    return ProviderError("fatal", message)
+    @classmethod
+    def of(cls, cfg: Any) -> BackendSettings:
+        """The settings fields of any config that has them (LabelConfig does)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
-@dataclass
-class RetryPolicy:
-    max_retries: int = 5
-    """Retries of a rate-limited, failed or malformed call before giving up."""
-    backoff_base_s: float = 1.0
-    """First backoff; doubles per retry, with 50-150% jitter."""
-    backoff_max_s: float = 60.0
-    """Cap of one backoff."""
-    quota_wait_s: float = 900.0
-    """Wait after a daily-quota error before trying again."""
-    deadline: float = float("inf")
-    """Epoch seconds after which a quota wait gives up."""
-    rng: random.Random = field(default_factory=lambda: random.Random(0))
-    sleep: Callable[[float], None] = time.sleep
-    now: Callable[[], float] = time.time
-
-
-def call_with_retry(fn: Callable[[], Any], policy: RetryPolicy) -> tuple[Any, int]:
-    """(result, attempts). Raises ProviderError when retries run out or the error is fatal,
-    QuotaDeadlineExceeded when the quota does not return before the deadline."""
-    attempt = 0
-    failures = 0
-    while True:
-        attempt += 1
-        try:
-            return fn(), attempt
-        except Exception as raw:
-            err = classify(raw)
-        if err.kind == "fatal":
-            raise err
-        if err.kind == "quota":
-            if policy.now() + policy.quota_wait_s > policy.deadline:
-                raise QuotaDeadlineExceeded(
-                    f"daily quota exhausted and the deadline passes before it returns: {err}"
-                )
-            log.warning("daily quota exhausted; waiting %.0f s, then resuming", policy.quota_wait_s)
-            policy.sleep(policy.quota_wait_s)
-            continue
-        failures += 1
-        if failures > policy.max_retries:
-            raise err
-        backoff = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (failures - 1))
-        delay = backoff * (0.5 + policy.rng.random())
-        if err.retry_after is not None:  # the server's wait is a floor; jitter never cuts it
-            # ... but a wait longer than the quota watchdog's is capped at that.
-            delay = min(max(delay, err.retry_after), policy.quota_wait_s)
-        log.info("%s (%s); retry %d in %.1f s", err.kind, err, failures, delay)
-        policy.sleep(delay)
+SAMPLING_FIELDS = ("batch_size", "max_new_tokens", "temperature")
+"""Settings `with_settings` may change: they do not touch the loaded model or the client."""
 
 
 class Backend(ABC):
@@ -152,6 +86,22 @@ class Backend(ABC):
     name: str
     model: str
     batch_size: int = 1
+    settings: BackendSettings
+    scaffolded: bool = False
+    """True for a backend too small to follow a free-form format: it writes inside a
+    template's `local_scaffold` (fixed text, one generated line per field, choices) and the
+    judge asks it one scale at a time."""
+
+    def with_settings(self, **changes: Any) -> Backend:
+        """The same backend (sharing its loaded model or client) with other sampling
+        settings, e.g. `judge.with_settings(temperature=0.9)` for a paraphraser."""
+        unknown = sorted(set(changes) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise ValueError(f"with_settings: {unknown} cannot change; only {SAMPLING_FIELDS}")
+        other = copy.copy(self)
+        other.settings = dataclasses.replace(self.settings, **changes)
+        other.batch_size = other.settings.batch_size
+        return other
 
     @abstractmethod
     def complete(self, prompts: list[str], prefill: str, seed: int) -> list[Completion]:
@@ -163,21 +113,17 @@ class LocalBackend(Backend):
     """The base instruct model through its chat template, batched, left-padded."""
 
     name = "local"
+    scaffolded = True
 
-    def __init__(self, model, tokenizer, name: str, cfg) -> None:
+    def __init__(self, model, tokenizer, name: str, settings: BackendSettings) -> None:
         self.lm, self.tokenizer, self.model = model, tokenizer, name
-        self.batch_size, self.cfg = cfg.batch_size, cfg
+        self.batch_size, self.settings = settings.batch_size, settings
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def _chat(self, prompts: list[str]) -> list[str]:
-        return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
+        return [render_chat(self.tokenizer, p) for p in prompts]
 
     def _generate(
         self, contexts: list[str], max_new_tokens: int, seed: int, one_line: bool = False
@@ -185,14 +131,14 @@ class LocalBackend(Backend):
         """Continuations of the contexts, with input and output token counts."""
         enc = self.tokenizer(contexts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(self.lm.device)
-        sample = self.cfg.temperature > 0
+        sample = self.settings.temperature > 0
         torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.lm.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=sample,
-                temperature=self.cfg.temperature if sample else None,
+                temperature=self.settings.temperature if sample else None,
                 top_p=0.95 if sample else None,
                 pad_token_id=self.tokenizer.pad_token_id,
                 stop_strings=["\n"] if one_line else None,
@@ -218,13 +164,10 @@ class LocalBackend(Backend):
             return [options[i] for i in logp[:, [o[0] for o in option_ids]].argmax(1).tolist()]
         for k, option in enumerate(options):
             opt = self.tokenizer(option, add_special_tokens=False).input_ids
-            seqs = [c + opt for c in ctx_ids]
-            width = max(len(q) for q in seqs)
-            ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id)
-            mask = torch.zeros_like(ids)
-            for r, q in enumerate(seqs):
-                ids[r, : len(q)], mask[r, : len(q)] = torch.tensor(q), 1
-            logp = self.lm(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device))
+            ids, mask, _, _ = pad_batch(
+                [c + opt for c in ctx_ids], self.tokenizer.pad_token_id, device=self.lm.device
+            )
+            logp = self.lm(input_ids=ids, attention_mask=mask)
             logp = logp.logits.float().log_softmax(-1).cpu()
             for r, c in enumerate(ctx_ids):
                 positions = torch.arange(len(c) - 1, len(c) - 1 + len(opt))
@@ -232,20 +175,15 @@ class LocalBackend(Backend):
         return [options[i] for i in scores.argmax(dim=1).tolist()]
 
     def _next_token_logprobs(self, ctx_ids: list[list[int]]) -> torch.Tensor:
-        width = max(len(c) for c in ctx_ids)
-        ids = torch.full((len(ctx_ids), width), self.tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for r, c in enumerate(ctx_ids):
-            ids[r, : len(c)], mask[r, : len(c)] = torch.tensor(c), 1
-        dev = self.lm.device
-        logits = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        ids, mask, _, _ = pad_batch(ctx_ids, self.tokenizer.pad_token_id, device=self.lm.device)
+        logits = self.lm(input_ids=ids, attention_mask=mask).logits
         last = torch.tensor([len(c) - 1 for c in ctx_ids])
         return logits.float().cpu()[torch.arange(len(ctx_ids)), last].log_softmax(-1)
 
     def complete(self, prompts: list[str], prefill: str, seed: int) -> list[Completion]:
         start = time.perf_counter()
         contexts = [c + prefill for c in self._chat(prompts)]
-        texts, n_in, n_out = self._generate(contexts, self.cfg.max_new_tokens, seed)
+        texts, n_in, n_out = self._generate(contexts, self.settings.max_new_tokens, seed)
         latency = (time.perf_counter() - start) / len(prompts)
         return [
             Completion(prefill + t, i, o, latency)
@@ -266,7 +204,8 @@ class LocalBackend(Backend):
             if "text" in spec:
                 added = [spec["text"].format(**f) for f in fields]
             elif "generate" in spec:
-                added, n_in, outs = self._generate(contexts, spec["generate"], seed + step, True)
+                step_seed = derive_seed(seed, step, stream="offset")
+                added, n_in, outs = self._generate(contexts, spec["generate"], step_seed, True)
                 n_out = [a + b for a, b in zip(n_out, outs, strict=True)]
                 # A feature the model left blank would pass the format check on scaffold alone.
                 for r, a in enumerate(added):
@@ -285,8 +224,8 @@ class LocalBackend(Backend):
 class RemoteBackend(Backend):
     """One request per prompt through `_call`, under the retry policy."""
 
-    def __init__(self, model: str, cfg, policy: RetryPolicy) -> None:
-        self.model, self.cfg, self.policy = model, cfg, policy
+    def __init__(self, model: str, settings: BackendSettings, policy: RetryPolicy) -> None:
+        self.model, self.settings, self.policy = model, settings, policy
 
     @abstractmethod
     def _request(self, prompt: str, prefill: str) -> Any:
@@ -332,15 +271,15 @@ def _api_key(backend: str) -> str:
 class AnthropicBackend(RemoteBackend):
     name = "anthropic"
 
-    def __init__(self, model: str, cfg, policy: RetryPolicy) -> None:
-        super().__init__(model, cfg, policy)
+    def __init__(self, model: str, settings: BackendSettings, policy: RetryPolicy) -> None:
+        super().__init__(model, settings, policy)
         import anthropic
 
         self.client = anthropic.Anthropic(
             api_key=_api_key("anthropic"),
-            base_url=cfg.base_url,
+            base_url=settings.base_url,
             max_retries=0,
-            timeout=cfg.timeout_s,
+            timeout=settings.timeout_s,
         )
 
     def _request(self, prompt: str, prefill: str) -> Any:
@@ -350,7 +289,7 @@ class AnthropicBackend(RemoteBackend):
         # No temperature: the anthropic SDK (2.x) has no sampling parameters any more, and
         # passing one is a TypeError before any request is sent.
         return self.client.messages.create(
-            model=self.model, max_tokens=self.cfg.max_new_tokens, messages=messages
+            model=self.model, max_tokens=self.settings.max_new_tokens, messages=messages
         )
 
     def _parse(self, r: Any, prefill: str) -> Completion:
@@ -361,23 +300,23 @@ class AnthropicBackend(RemoteBackend):
 class OpenAIBackend(RemoteBackend):
     name = "openai"
 
-    def __init__(self, model: str, cfg, policy: RetryPolicy) -> None:
-        super().__init__(model, cfg, policy)
+    def __init__(self, model: str, settings: BackendSettings, policy: RetryPolicy) -> None:
+        super().__init__(model, settings, policy)
         import openai
 
         self.client = openai.OpenAI(
             api_key=_api_key("openai"),
-            base_url=cfg.base_url,
+            base_url=settings.base_url,
             max_retries=0,
-            timeout=cfg.timeout_s,
+            timeout=settings.timeout_s,
         )
 
     def _request(self, prompt: str, prefill: str) -> Any:
         return self.client.chat.completions.create(
             model=self.model,
             messages=[{"role": "user", "content": prompt}],
-            max_completion_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature,
+            max_completion_tokens=self.settings.max_new_tokens,
+            temperature=self.settings.temperature,
         )
 
     def _parse(self, r: Any, prefill: str) -> Completion:
@@ -388,8 +327,8 @@ class OpenAIBackend(RemoteBackend):
 class GeminiBackend(RemoteBackend):
     name = "gemini"
 
-    def __init__(self, model: str, cfg, policy: RetryPolicy) -> None:
-        super().__init__(model, cfg, policy)
+    def __init__(self, model: str, settings: BackendSettings, policy: RetryPolicy) -> None:
+        super().__init__(model, settings, policy)
         from google import genai
         from google.genai import types
 
@@ -397,7 +336,7 @@ class GeminiBackend(RemoteBackend):
         self.client = genai.Client(
             api_key=_api_key("gemini"),
             http_options=types.HttpOptions(
-                base_url=cfg.base_url, timeout=int(cfg.timeout_s * 1000)
+                base_url=settings.base_url, timeout=int(settings.timeout_s * 1000)
             ),
         )
 
@@ -406,7 +345,8 @@ class GeminiBackend(RemoteBackend):
             model=self.model,
             contents=prompt,
             config=self.types.GenerateContentConfig(
-                max_output_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature
+                max_output_tokens=self.settings.max_new_tokens,
+                temperature=self.settings.temperature,
             ),
         )
 
@@ -426,8 +366,8 @@ class GeminiCliBackend(RemoteBackend):
 
     name = "gemini-cli"
 
-    def __init__(self, model: str, cfg, policy: RetryPolicy) -> None:
-        super().__init__(model, cfg, policy)
+    def __init__(self, model: str, settings: BackendSettings, policy: RetryPolicy) -> None:
+        super().__init__(model, settings, policy)
         self.exe = platform.resolve_cli("gemini")
 
     def _request(self, prompt: str, prefill: str) -> Any:
@@ -440,7 +380,7 @@ class GeminiCliBackend(RemoteBackend):
             input=prompt,
             capture_output=True,
             text=True,
-            timeout=self.cfg.timeout_s,
+            timeout=self.settings.timeout_s,
             encoding="utf-8",
         )
         if proc.returncode != 0:
@@ -459,12 +399,6 @@ class GeminiCliBackend(RemoteBackend):
         )
 
 
-class _StatusError(Exception):
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
 REMOTE_BACKENDS: dict[str, type[RemoteBackend]] = {
     "anthropic": AnthropicBackend,
     "openai": OpenAIBackend,
@@ -473,52 +407,21 @@ REMOTE_BACKENDS: dict[str, type[RemoteBackend]] = {
 }
 
 
-def make_backend(cfg, base, base_dir: Path, policy: RetryPolicy) -> Backend:
-    """The backend `cfg.backend` for model `cfg.labeler_model` (local: the base model in
-    `base_dir`, loaded with `base`'s quantization, dtype and device)."""
-    if cfg.backend == "local":
-        model, tokenizer = load_base(base_dir, base.quantization, base.compute_dtype, base.device)
-        return LocalBackend(model, tokenizer, read_base_meta(base_dir)["source"]["name"], cfg)
-    return REMOTE_BACKENDS[cfg.backend](cfg.labeler_model, cfg, policy)
-
-
-def ask(backend: Backend, template, rows: list[dict], seed: int) -> list[Completion]:
-    """Responses to the template rendered for each row, in batches of the backend's size;
-    the local backend writes inside the template's scaffold when it has one."""
-    out: list[Completion] = []
-    for i in range(0, len(rows), backend.batch_size):
-        batch = rows[i : i + backend.batch_size]
-        if isinstance(backend, LocalBackend) and template.local_scaffold:
-            prompts = [template.render(local=True, **r) for r in batch]
-            out += backend.complete_scaffold(prompts, template.local_scaffold, batch, seed + i)
-        else:
-            prompts = [template.render(**r) for r in batch]
-            out += backend.complete(prompts, template.prefill, seed + i)
-    return out
-
-
-def ask_until_parsed(backend, template, rows: list[dict], parse, max_attempts, seed) -> list:
-    """Ask until each response parses or max_attempts runs out: (parsed, completion, tries).
-    `parse(text)` returns an object whose `.error` is empty when the response is usable."""
-    results: list[tuple | None] = [None] * len(rows)
-    tries = [0] * len(rows)
-    spent = [(0, 0, 0.0)] * len(rows)  # tokens and latency of every attempt: all are billed
-    pending = list(range(len(rows)))
-    for attempt in range(max_attempts):
-        comps = ask(backend, template, [rows[i] for i in pending], seed + 7919 * attempt)
-        still = []
-        for i, comp in zip(pending, comps, strict=True):
-            tries[i] += comp.attempts
-            n_in, n_out, secs = spent[i]
-            spent[i] = (n_in + comp.input_tokens, n_out + comp.output_tokens, secs + comp.latency_s)
-            comp = dataclasses.replace(
-                comp, input_tokens=spent[i][0], output_tokens=spent[i][1], latency_s=spent[i][2]
-            )
-            parsed = parse(comp.text) if not comp.error else None
-            results[i] = (parsed, comp, tries[i])
-            if parsed is None or parsed.error:
-                still.append(i)
-        pending = still
-        if not pending:
-            break
-    return results
+def make_backend(
+    kind: str,
+    model: str | None,
+    settings: BackendSettings,
+    base,
+    base_dir: Path,
+    policy: RetryPolicy,
+) -> Backend:
+    """The backend `kind` for provider model `model` (local: the base model in `base_dir`,
+    loaded with `base`'s quantization, dtype and device; `model` is ignored)."""
+    if kind == "local":
+        lm, tokenizer = load_base(base_dir, base.quantization, base.compute_dtype, base.device)
+        return LocalBackend(lm, tokenizer, read_base_meta(base_dir)["source"]["name"], settings)
+    if kind not in REMOTE_BACKENDS:
+        raise ConfigError(f"unknown backend {kind!r}; known: local, {', '.join(REMOTE_BACKENDS)}")
+    if not model:
+        raise ConfigError(f"backend {kind} needs a provider model name")
+    return REMOTE_BACKENDS[kind](model, settings, policy)

@@ -1,0 +1,197 @@
+"""One chunk of the eval: every model call for a slice of the evaluated rows.
+
+For each row: the AV writes a greedy explanation and K sampled ones (mean log-prob of each
+recorded); the AR reconstructs the vector from the greedy output, each sample, the source
+label (replay), N paraphrases of the label, the empty string, another row's document
+(unrelated real text), random tokens (gibberish), and the greedy output with each claim
+removed; the AV's loss on the label with the true vs a shuffled vector gives the vector-use
+gap; the judge grades the greedy output and the label and picks the better one. The result
+is every per-row column of data/eval/rows.parquet (`schemas.eval_rows_schema`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from nla_repro import config as C
+from nla_repro.evaluation.measures import cosine_rows, fve_cen_rows, mse_nrm_from_cos
+from nla_repro.labeling.judge import judge, paraphrase
+from nla_repro.models import batch_slices
+from nla_repro.nla import ActivationReconstructor, VerbalizerBase
+from nla_repro.schemas import EVAL_CONDITIONS
+from nla_repro.seeds import derive_seed
+from nla_repro.templates import claims, join_claims
+
+
+@torch.no_grad()
+def reconstruct(ar: ActivationReconstructor, texts: list[str], batch: int) -> np.ndarray:
+    """AR(text) for every text, (N, d) float32."""
+    if not texts:
+        return np.zeros((0, ar.head.out_features), np.float32)
+    # Each distinct text once: the empty string, claim sets equal to the whole output, repeats.
+    unique = list(dict.fromkeys(texts))
+    parts = [ar.predict(unique[s]).float().cpu().numpy() for s in batch_slices(len(unique), batch)]
+    found = dict(zip(unique, np.concatenate(parts).astype(np.float32), strict=True))
+    return np.stack([found[t] for t in texts])
+
+
+@torch.no_grad()
+def mean_logprob(av: VerbalizerBase, texts: list[str], vectors: torch.Tensor, batch: int):
+    """Mean log-prob per token of each text as the AV's complete response (tokens + EOS),
+    teacher-forced, given its vector."""
+    out = []
+    for s in batch_slices(len(texts), batch):
+        nll, n = av.row_nll(texts[s], vectors[s])
+        out += (-nll / n.clamp_min(1)).tolist()
+    return out
+
+
+@torch.no_grad()
+def summed_nll(av: VerbalizerBase, texts: list[str], vectors: torch.Tensor, batch: int):
+    nlls, counts = [], []
+    for s in batch_slices(len(texts), batch):
+        nll, n = av.row_nll(texts[s], vectors[s])
+        nlls += nll.tolist()
+        counts += n.tolist()
+    return nlls, counts
+
+
+@torch.no_grad()
+def generate(av: VerbalizerBase, vectors: torch.Tensor, cfg: C.EvalConfig, temperature: float):
+    out: list[str] = []
+    for s in batch_slices(len(vectors), cfg.batch_size):
+        out += av.generate(vectors[s], cfg.max_new_tokens, temperature)
+    return [t.strip() for t in out]
+
+
+def gibberish(tokenizer, n_tokens: int, rng: np.random.Generator) -> str:
+    """Random vocabulary tokens (no special tokens), decoded: text with no content."""
+    special = set(tokenizer.all_special_ids)
+    ids = [int(i) for i in rng.integers(0, len(tokenizer), size=4 * n_tokens + 8)]
+    return tokenizer.decode([i for i in ids if i not in special][:n_tokens]).strip()
+
+
+def evaluate_chunk(
+    rows: pd.DataFrame,
+    shuffled_BD: torch.Tensor,
+    unrelated: list[str],
+    models: tuple,
+    mu: np.ndarray,
+    cfg: C.EvalConfig,
+    judge_upto: int,
+    chunk_index: int,
+) -> pd.DataFrame:
+    """Every per-row column of rows.parquet except the nearest-neighbour anchor."""
+    av, ar, judge_backend, paraphraser = models
+    n, k, batch = len(rows), cfg.samples, cfg.batch_size
+    targets = np.stack(rows["target"].to_list()).astype(np.float32)
+    vectors = torch.from_numpy(targets)
+    labels = rows["label"].tolist()
+    seed = derive_seed(cfg.seed, chunk_index)
+
+    greedy = generate(av, vectors, cfg, 0.0)
+    torch.manual_seed(seed)
+    samples = generate(av, vectors.repeat_interleave(k, 0), cfg, cfg.temperature) if k else []
+    greedy_lp = mean_logprob(av, greedy, vectors, batch)
+    sample_lp = mean_logprob(av, samples, vectors.repeat_interleave(k, 0), batch) if k else []
+    nll_true, n_tok = summed_nll(av, labels, vectors, batch)
+    nll_shuf, _ = summed_nll(av, labels, shuffled_BD, batch)
+
+    rng = np.random.default_rng(seed)
+    gib = [gibberish(av.tokenizer, max(8, len(av.tokenizer(g)["input_ids"])), rng) for g in greedy]
+    paras = (
+        paraphrase(paraphraser, labels, cfg.paraphrases, seed, cfg.judge_max_attempts)
+        if cfg.paraphrases
+        else [[] for _ in labels]
+    )
+    claim_lists = [claims(g) for g in greedy]
+    # Claim ablations: all claims (canonical form), then each claim left out.
+    claim_texts, claim_owner = [], []
+    for r, cl in enumerate(claim_lists):
+        if cl:
+            claim_texts.append(join_claims(cl))
+            claim_owner.append((r, -1))
+            for i in range(len(cl)):
+                claim_texts.append(join_claims(cl[:i] + cl[i + 1 :]))
+                claim_owner.append((r, i))
+
+    # One AR pass over every text of the chunk.
+    para_flat = [p for ps in paras for p in ps]
+    texts = {
+        "greedy": greedy,
+        "replay": labels,
+        "empty": [""],
+        "unrelated": unrelated,
+        "gibberish": gib,
+        "samples": samples,
+        "paraphrases": para_flat,
+        "claims": claim_texts,
+    }
+    flat = [t for ts in texts.values() for t in ts]
+    rec_all = reconstruct(ar, flat, batch)
+    rec, start = {}, 0
+    for name, ts in texts.items():
+        rec[name] = rec_all[start : start + len(ts)]
+        start += len(ts)
+    rec["empty"] = np.repeat(rec["empty"], n, axis=0)
+
+    out = pd.DataFrame({"doc_id": rows["doc_id"].to_numpy()})
+    for col in ("source_family", "text", "label", "target"):
+        out[col] = rows[col].to_numpy()
+    out["explanation"] = greedy
+    out["explanation_logprob"] = greedy_lp
+    for cond in EVAL_CONDITIONS:
+        out[f"rec_{cond}"] = list(rec[cond])
+        out[f"cos_{cond}"] = cosine_rows(rec[cond], targets)
+        out[f"fve_cen_{cond}"] = fve_cen_rows(rec[cond], targets, mu)
+    target_k = np.repeat(targets, k, axis=0)
+    s_cos = cosine_rows(rec["samples"], target_k).reshape(n, k) if k else np.zeros((n, 0))
+    s_cen = fve_cen_rows(rec["samples"], target_k, mu).reshape(n, k) if k else s_cos
+    out["samples"] = [samples[r * k : (r + 1) * k] for r in range(n)]
+    out["sample_logprob"] = [sample_lp[r * k : (r + 1) * k] for r in range(n)]
+    out["sample_cos"] = [s_cos[r].tolist() for r in range(n)]
+    out["sample_fve_cen"] = [s_cen[r].tolist() for r in range(n)]
+    owners = np.repeat(np.arange(n), [len(p) for p in paras])
+    p_cos = cosine_rows(rec["paraphrases"], targets[owners]) if len(owners) else []
+    p_cen = fve_cen_rows(rec["paraphrases"], targets[owners], mu) if len(owners) else []
+    out["paraphrases"] = paras
+    out["para_cos"] = [
+        [float(c) for c, o in zip(p_cos, owners, strict=True) if o == r] for r in range(n)
+    ]
+    out["para_fve_cen"] = [
+        [float(c) for c, o in zip(p_cen, owners, strict=True) if o == r] for r in range(n)
+    ]
+    # Δmse of a claim = mse without it - mse with all claims; mse_nrm = 2 (1 - cos).
+    claim_owner_rows = np.array([r for r, _ in claim_owner], dtype=int)
+    c_mse = (
+        mse_nrm_from_cos(cosine_rows(rec["claims"], targets[claim_owner_rows]))
+        if claim_texts
+        else []
+    )
+    full = {r: m for (r, i), m in zip(claim_owner, c_mse, strict=True) if i == -1}
+    deltas: list[list[float]] = [[] for _ in range(n)]
+    for (r, i), m in zip(claim_owner, c_mse, strict=True):
+        if i >= 0:
+            deltas[r].append(float(m - full[r]))
+    out["claims"] = claim_lists
+    out["claim_delta_mse"] = deltas
+    out["unrelated_text"] = unrelated
+    out["gibberish_text"] = gib
+    out["nll_true"] = nll_true
+    out["nll_shuffled"] = nll_shuf
+    out["n_label_tokens"] = np.asarray(n_tok, dtype=np.int64)
+
+    judged = dict.fromkeys(
+        ("judge_validity", "judge_specificity", "label_validity", "label_specificity"),
+        [float("nan")] * n,
+    ) | {"judge_preferred": [""] * n}
+    m = max(0, min(n, judge_upto))
+    if judge_backend is not None and m:
+        got = judge(judge_backend, rows.head(m), greedy[:m], seed, cfg.judge_max_attempts)
+        for key, values in got.items():
+            judged[key] = values + judged[key][m:]
+    for key, values in judged.items():
+        out[key] = values
+    return out
