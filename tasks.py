@@ -70,6 +70,25 @@ def lint(c: Context, fix: bool = False) -> None:
         c.run(f"ruff check {paths} && ruff format --check {paths}")
 
 
+@task(
+    help={
+        "serve": "serve the site with live reload (mkdocs serve) instead of building it",
+        "addr": "address to serve on (with --serve)",
+    }
+)
+def docs(c: Context, serve: bool = False, addr: str = "127.0.0.1:8000") -> None:
+    """Build the docs site into site/ with `mkdocs build --strict` (any warning fails).
+
+    The API pages, the params reference and the results pages are generated at build time
+    (docs/_hooks/nla_docs.py); `--serve` rebuilds them on every change.
+    """
+    env = {"NO_MKDOCS_2_WARNING": "1"}
+    if serve:
+        c.run(f"mkdocs serve --strict -a {shlex.quote(addr)}", env=env, pty=True)
+    else:
+        c.run("mkdocs build --strict", env=env)
+
+
 def _dvc_transfer(c: Context, verb: str, remote: str, jobs: int) -> None:
     parts = [f"dvc {verb}"]
     if remote:
