@@ -182,6 +182,8 @@ def test_sae_stage_end_to_end_writes_a_folder_saelens_loads(in_tmp, tokenizer):
 
 def test_killed_sae_training_resumes_to_the_same_weights(in_tmp, monkeypatch):
     setup_stage_repo(in_tmp)
+    # A new process starts torch's global RNG at a random seed: so do these runs.
+    torch.manual_seed(12345)
     sae_stage.run(stage_params())
     clean, clean_plots = tree_sha256(C.SAE_DIR), tree_sha256(C.SAE_PLOTS)
     clean_metrics = C.SAE_METRICS.read_bytes()
@@ -197,6 +199,7 @@ def test_killed_sae_training_resumes_to_the_same_weights(in_tmp, monkeypatch):
         return step(self, x)
 
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_12)
+    torch.manual_seed(999)
     with pytest.raises(KeyboardInterrupt):
         sae_stage.run(stage_params())
     assert [p.name for p in (C.SAE_DIR / "checkpoints").iterdir()] == ["step_10"]
@@ -209,6 +212,7 @@ def test_killed_sae_training_resumes_to_the_same_weights(in_tmp, monkeypatch):
         return counting(self, x)
 
     monkeypatch.setattr(Trainer, "train_step", counted)
+    torch.manual_seed(4242)
     resumed = sae_stage.run(stage_params())
     assert calls["n"] == 10  # steps 11..20 only
     # Every byte of the DVC outputs equal (weights, checkpoints, curve, sidecar, metrics, plots):

@@ -46,7 +46,7 @@ def tiny_run(root, retention=None, sidecar=None):
 def train(root, steps, retention=None, crash_at=None):
     model, opt, sched, run, save_weights, step_fn = tiny_run(root, retention)
     history, start = new_history(), 0
-    resumed = run.resume()
+    resumed = run.resume(0)
     if resumed:
         start, history = resumed.step, resumed.history
         model.load_state_dict(load_file(str(resumed.path / "weights.safetensors")))
@@ -93,7 +93,7 @@ def test_checkpoints_of_another_fingerprint_are_removed_not_resumed(tmp_path):
     _, run, _ = train(tmp_path, 4)
     other = TrainingRun("tiny", run.out_dir, {"model": "tiny", "lr": 2})
     assert other.fingerprint != run.fingerprint
-    assert other.resume() is None and not run.out_dir.exists()
+    assert other.resume(0) is None and not run.out_dir.exists()
 
 
 def test_publish_copies_the_model_files_and_sidecar_not_the_resume_state(tmp_path):

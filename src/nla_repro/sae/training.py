@@ -160,9 +160,9 @@ class Trainer:
             meta={"tokens": self.step * self.settings.batch_size},
         )
 
-    def resume(self, run: TrainingRun) -> dict | None:
+    def resume(self, run: TrainingRun, seed: int) -> dict | None:
         """Load the newest checkpoint of `run` into the SAE and this trainer; its history."""
-        resumed = run.resume()
+        resumed = run.resume(seed)
         if resumed is None:
             return None
         loaded, _ = load_sae(resumed.path)
@@ -228,7 +228,7 @@ def train_run(
     batches = shuffled_batches(
         lambda e: train_shards.buffers(e, cfg.shuffle_shards, cfg.seed), cfg.batch_size, cfg.seed
     )
-    history = trainer.resume(run)
+    history = trainer.resume(run, cfg.seed)
     if history is not None:
         for _ in range(trainer.step):  # the data order is a pure function: skip what was seen
             next(batches)

@@ -5,7 +5,7 @@ Every trainer (the SFT trainer in `training.sft`, the SAE trainer in `sae.traini
 one) uses it the same way:
 
     run = TrainingRun(name, out_dir, sidecar, Retention(...))
-    resumed = run.resume()                 # None, or the newest checkpoint of this fingerprint
+    resumed = run.resume(cfg.seed)         # None, or the newest checkpoint of this fingerprint
     if resumed: load the weights from resumed.path; resumed.restore(optimizer, scheduler)
     timing = run_steps(step_fn, start=..., max_steps=..., history=..., save=...)
 
@@ -142,8 +142,13 @@ class TrainingRun:
             shutil.rmtree(tmp, ignore_errors=True)
         return sorted(found)
 
-    def resume(self) -> Resumed | None:
-        """The newest checkpoint to resume from (its weights are the caller's to load)."""
+    def resume(self, seed: int) -> Resumed | None:
+        """Seed torch's global RNG with `seed`, then find the newest checkpoint to resume from
+        (its weights are the caller's to load; `Resumed.restore` puts its RNG state back).
+        Seeding here makes the RNG state every checkpoint records a function of the params:
+        a new process starts torch's RNG at a random seed, which would otherwise land in
+        trainer_state.pt and change its bytes from one rebuild to the next."""
+        torch.manual_seed(seed)
         found = self.checkpoints()
         if not found:
             return None

@@ -124,12 +124,11 @@ def train(
         raise C.ConfigError(f"{run.name}: no training rows (no accepted labels in train split)")
     device = next(model.parameters()).device
     accelerator = Accelerator(cpu=device.type == "cpu")
-    torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_name = make_optimizer(params, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     history, start = new_history(), 0
-    resumed: Resumed | None = run.resume()
+    resumed: Resumed | None = run.resume(cfg.seed)
     if resumed:
         start, history = resumed.step, resumed.history
         model.load(resumed.path)
