@@ -112,14 +112,20 @@ class Metric:
     `path` (docs/how-to/add-a-metric.md)."""
 
 
-def _ablation(
-    cond: str, label: str, key_cos: str | None = None, ref: str | None = None, index: bool = False
-):
+def ablation_key(condition: str, view: str) -> str:
+    """Key of the ablation metric of one AR input condition, view cos or fve_cen (the empty
+    string's raw cosine keeps the model-index name the cards published it under)."""
+    if (condition, view) == ("empty", "cos"):
+        return "empty_string_cos"
+    return f"ablation_{condition}_{view}"
+
+
+def _ablation(cond: str, label: str, ref: str | None = None, index: bool = False):
     """The AR-on-condition pair of rows of the content-blindness ablation."""
     share = cond == "explanation_share"
     return (
         Metric(
-            key_cos or f"ablation_{cond}_cos",
+            ablation_key(cond, "cos"),
             f"{label}: cos",
             "eval",
             f"ablation.{cond}.cos.mean",
@@ -135,7 +141,7 @@ def _ablation(
             ),
         ),
         Metric(
-            f"ablation_{cond}_fve_cen",
+            ablation_key(cond, "fve_cen"),
             f"{label}: fve_cen",
             "eval",
             f"ablation.{cond}.fve_cen.mean",
@@ -289,7 +295,7 @@ METRICS: tuple[Metric, ...] = (
     # --- eval: what the AR reads (content-blindness ablation) -------------------------------
     *_ablation("greedy", "AV output", ref="0.429"),
     *_ablation("replay", "Source label (replay)"),
-    *_ablation("empty", "Empty string", key_cos="empty_string_cos", ref="0.405", index=True),
+    *_ablation("empty", "Empty string", ref="0.405", index=True),
     *_ablation("unrelated", "Unrelated real text", ref="0.405"),
     *_ablation("gibberish", "Gibberish", ref="0.414"),
     Metric(
@@ -600,15 +606,6 @@ METRICS: tuple[Metric, ...] = (
 BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
 
 
-def ablation_key(condition: str, view: str) -> str:
-    """Key of the ablation metric of one AR input condition, view cos or fve_cen."""
-    return (
-        "empty_string_cos"
-        if (condition, view) == ("empty", "cos")
-        else (f"ablation_{condition}_{view}")
-    )
-
-
 # --- Formatting -------------------------------------------------------------------------------
 
 
@@ -644,12 +641,11 @@ def lookup(data: dict, path: str, where: str) -> Any:
 
 
 def _truthy_at(data: dict, path: str) -> bool:
-    node: Any = data
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return bool(node)
+    """Whether a dotted path is there and holds a truthy value."""
+    try:
+        return bool(lookup(data, path, ""))
+    except MetricMissing:
+        return False
 
 
 def _digits(m: Metric) -> int:
@@ -664,22 +660,22 @@ class Results:
 
     def __init__(self, metrics: dict[str, dict]) -> None:
         self.metrics = metrics
+        # Placeholder values of paths and names ({k}), read once.
+        self._args = {
+            name: lookup(self.metrics[source], path, str(SOURCES[source]))
+            if _truthy_at(self.metrics.get(source, {}), path)
+            else 0
+            for name, (source, path) in PATH_ARGS.items()
+        }
 
     def _file(self, m: Metric) -> dict:
         if m.source not in self.metrics:
             raise MetricMissing(f"metric {m.key}: no {SOURCES[m.source]} among the inputs")
         return self.metrics[m.source]
 
-    def _args(self) -> dict:
-        out = {}
-        for name, (source, path) in PATH_ARGS.items():
-            data = self.metrics.get(source, {})
-            out[name] = lookup(data, path, str(SOURCES[source])) if _truthy_at(data, path) else 0
-        return out
-
     def _path(self, m: Metric, path: str) -> Any:
         where = f"{SOURCES[m.source]} (metric {m.key})"
-        return lookup(self._file(m), path.format(**self._args()), where)
+        return lookup(self._file(m), path.format(**self._args), where)
 
     def applies(self, key: str) -> bool:
         m = BY_KEY[key]
@@ -690,7 +686,7 @@ class Results:
         return self._path(BY_KEY[key], BY_KEY[key].path)
 
     def name(self, key: str) -> str:
-        return BY_KEY[key].name.format(**self._args())
+        return BY_KEY[key].name.format(**self._args)
 
     def text(self, key: str, digits: int | None = None) -> str:
         """The value as shown (fraction: `count/n (pct)`)."""

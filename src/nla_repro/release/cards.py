@@ -310,7 +310,6 @@ def card_context(kind: str, inputs: CardInputs, repo_id: str, version: str | Non
 
 def render_card(kind: str, inputs: CardInputs, org: str, version: str | None = None) -> ModelCard:
     """The model card (README.md with YAML front matter) of one released model."""
-    Results(inputs.metrics).check()  # a declared metric missing from this build is an error
     meta = inputs.sidecars[kind]
     name = repo_names(inputs.params, meta["base_model"])[kind]
     tags = ["nla-repro", "interpretability", *inputs.params.card.tags]
@@ -337,11 +336,13 @@ def render_card(kind: str, inputs: CardInputs, org: str, version: str | None = N
 def write_cards(
     inputs: CardInputs, out_dir: Path | str, org: str, version: str | None = None
 ) -> None:
-    """cards/{av,ar,sae}/README.md and plots/, written under a temporary name and renamed."""
+    """cards/{av,ar,sae}/README.md and plots/, written under a temporary name and renamed.
+    Every input is checked first: the plots, then every declared metric of this build."""
     for plots in CARD_PLOTS.values():
         for plot in plots:
             if not (inputs.root / plot).exists():
                 raise CardError(f"{inputs.root / plot}: not found (run `dvc repro eval sae`)")
+    Results(inputs.metrics).check()
     with atomic_path(out_dir) as tmp:
         for kind in KINDS:
             folder = tmp / kind / "plots"
