@@ -17,21 +17,24 @@ from nla_repro.stages import card as card_stage
 EXPECTED_PATHS = {
     "av": {
         "round_trip_cos": ("eval", ["round_trip", "cos", "mean"]),
-        "round_trip_fve_cen": ("eval", ["centred", "greedy", "fve_cen", "mean"]),
+        "round_trip_fve_cen": ("eval", ["round_trip", "fve_cen", "mean"]),
         "vector_use_gap": ("eval", ["vector_use", "gap"]),
         "unique_output_rate": ("eval", ["diversity", "unique_rate"]),
         "empty_output_rate": ("eval", ["diversity", "empty_rate"]),
         "identity_argmax_accuracy": ("eval", ["identity", "centred", "argmax_accuracy"]),
     },
     "ar": {
-        "replay_cos": ("eval", ["centred", "replay", "cos", "mean"]),
-        "replay_fve_cen": ("eval", ["centred", "replay", "fve_cen", "mean"]),
-        "explanation_share_cos": ("eval", ["ablation", "explanation_share", "cos", "mean"]),
+        "replay_cos": ("eval", ["predictors", "replay", "cos", "mean"]),
+        "replay_fve_cen": ("eval", ["predictors", "replay", "fve_cen", "mean"]),
+        "explanation_share_cos": (
+            "eval",
+            ["predictors", "empty", "round_trip_minus", "cos", "mean"],
+        ),
         "explanation_share_fve_cen": (
             "eval",
-            ["ablation", "explanation_share", "fve_cen", "mean"],
+            ["predictors", "empty", "round_trip_minus", "fve_cen", "mean"],
         ),
-        "empty_string_cos": ("eval", ["ablation", "empty", "cos", "mean"]),
+        "empty_string_cos": ("eval", ["predictors", "empty", "cos", "mean"]),
     },
     "sae": {
         "explained_variance": ("sae", ["explained_variance"]),
@@ -141,11 +144,34 @@ def test_content_blind_ar_says_so_at_the_top_of_both_nla_cards(project):
     assert "## Failure modes detected" in (project / C.CALIBRATION_PATH).read_text()
 
 
-def test_a_reading_ar_carries_no_warning(project):
+def test_a_pair_that_beats_its_baselines_carries_no_warning(project):
+    path = project / C.EVAL_METRICS
+    ev = json.loads(path.read_text())
+    ev["verdicts"] |= {"beats_mean_direction": True, "beats_text_free_centroid": True}
+    path.write_text(json.dumps(ev))
     card_stage.run(C.Params())
     for kind in cards.KINDS:
         assert "[!WARNING]" not in (project / f"cards/{kind}/README.md").read_text()
     assert "## Failure modes detected" not in (project / C.CALIBRATION_PATH).read_text()
+
+
+def test_losing_to_a_constant_is_said_at_the_top_of_the_av_card(project):
+    """The committed default loses to the train mean vector: its card must say so first."""
+    ev = json.loads((project / C.EVAL_METRICS).read_text())
+    assert ev["verdicts"]["beats_mean_direction"] is False
+    card_stage.run(C.Params())
+    text = ModelCard.load(project / "cards/av/README.md").text
+    warning = text.index("does not beat a constant")
+    assert warning < text.index("## How to load")
+    lead = ev["predictors"]["mean_direction"]["round_trip_minus"]["cos"]
+    assert f"raw {lead['mean']:.4f} [{lead['ci95'][0]:.4f}, {lead['ci95'][1]:.4f}]" in text
+    assert "[!WARNING]" not in (project / "cards/ar/README.md").read_text()
+    calibration = (project / C.CALIBRATION_PATH).read_text()
+    assert "## Failure modes detected" in calibration and "does not beat a constant" in calibration
+    # The baselines table: every predictor's row, the oracle labelled as one.
+    for row in registry.predictor_rows(metric_files(project)):
+        assert f"| {row['name']} | {row['kind']} | {row['cos']} |" in calibration
+    assert "| Nearest train vector (oracle) | oracle |" in text
 
 
 def test_missing_input_names_the_file_and_writes_nothing(project):
@@ -205,19 +231,23 @@ def set_path(data: dict, path: str, value) -> None:
 
 def test_quality_bars_are_met_only_at_their_bars(project):
     ev = json.loads((project / C.EVAL_METRICS).read_text())
+    lead = "predictors.{}.round_trip_minus.{}"
     at_bars = {
         "n": 50,
         "vector_use.gap": 0.3,
-        "ablation.explanation_share.cos.mean": 0.10,
-        "ablation.explanation_share.cos.ci95": [0.01, 0.2],
-        "ablation.explanation_share.fve_cen.mean": 0.10,
-        "ablation.explanation_share.fve_cen.ci95": [0.01, 0.2],
+        lead.format("empty", "cos") + ".mean": 0.10,
+        lead.format("empty", "cos") + ".ci95": [0.01, 0.2],
+        lead.format("empty", "fve_cen") + ".mean": 0.10,
+        lead.format("empty", "fve_cen") + ".ci95": [0.01, 0.2],
         "identity.centred.argmax_accuracy": 0.20,
         "diversity.unique_rate": 0.90,
         "diversity.empty_rate": 0.02,
-        "centred.random_floor.fve_cen": 0.5,
-        "centred.greedy.fve_cen.ci95": [0.501, 0.6],
     }
+    baselines = ("random_floor", "mean_direction", "centroid")
+    for name in baselines:
+        for view in ("cos", "fve_cen"):
+            at_bars[lead.format(name, view) + ".mean"] = 0.01
+            at_bars[lead.format(name, view) + ".ci95"] = [0.001, 0.02]
     for path, value in at_bars.items():
         set_path(ev, path, value)
     bars = registry.QUALITY_BARS
@@ -225,15 +255,17 @@ def test_quality_bars_are_met_only_at_their_bars(project):
     just_missed = {
         "n": 49,
         "vector_use.gap": 0.299,
-        "ablation.explanation_share.cos.mean": 0.099,
+        lead.format("empty", "cos") + ".mean": 0.099,
         # the mean clears the bar but its interval reaches 0: not met
-        "ablation.explanation_share.fve_cen.ci95": [-0.01, 0.2],
+        lead.format("empty", "fve_cen") + ".ci95": [-0.01, 0.2],
         "identity.centred.argmax_accuracy": 0.199,
         "diversity.unique_rate": 0.899,
         "diversity.empty_rate": 0.021,
-        # the mean is above the floor but the interval is not
-        "centred.greedy.fve_cen.ci95": [0.499, 0.6],
     }
+    # ahead of each baseline on average, but the paired interval reaches 0: not a win
+    for name in baselines:
+        for view in ("cos", "fve_cen"):
+            just_missed[lead.format(name, view) + ".ci95"] = [-0.001, 0.02]
     for path, value in just_missed.items():
         set_path(ev, path, value)
     rows = registry.bar_rows({"eval": ev})
@@ -249,9 +281,9 @@ def test_quality_bars_are_met_only_at_their_bars(project):
 def test_a_metric_missing_from_the_metrics_stops_the_card_stage(project):
     path = project / C.EVAL_METRICS
     ev = json.loads(path.read_text())
-    del ev["ablation"]["gibberish"]
+    del ev["predictors"]["gibberish"]
     path.write_text(json.dumps(ev))
-    with pytest.raises(registry.MetricMissing, match=r"metrics/eval\.json .*ablation\.gibberish"):
+    with pytest.raises(registry.MetricMissing, match=r"metrics/eval\.json .*predictors\.gibberish"):
         card_stage.run(C.Params())
     assert not (project / C.CARDS_DIR).exists()
 

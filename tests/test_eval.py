@@ -19,11 +19,14 @@ from test_sft import build_inputs, run_stage, sft_params
 from nla_repro import config as C
 from nla_repro import labeling as L
 from nla_repro.errors import ConfigError, DataValidationError
+from nla_repro.evaluation import baselines as B
 from nla_repro.evaluation import measures as E
+from nla_repro.evaluation import registry as R
 from nla_repro.evaluation.suite import compute_metrics
 from nla_repro.labeling import judge as J
 from nla_repro.nla import shuffled
 from nla_repro.plots import CSV_NAMES, PNG_NAMES
+from nla_repro.release.cards import warnings_for
 from nla_repro.schemas import eval_rows_schema, read_eval_rows, validate
 from nla_repro.stages import eval as S
 from nla_repro.templates import claims, join_claims
@@ -37,7 +40,89 @@ def test_mse_nrm_is_2_for_orthogonal_and_0_for_identical():
     assert E.mse_nrm_from_cos(E.cosine_rows(e[:2], e[2:])) == pytest.approx([2.0, 2.0])
     assert E.mse_nrm_from_cos(E.cosine_rows(e, 3 * e)) == pytest.approx([0.0] * 4)
     assert E.mse_nrm_from_cos(E.cosine_rows(e[:1], -e[:1])) == pytest.approx([4.0])
-    assert E.fve_nrm(0.2, rawvar=0.4) == pytest.approx(0.5)
+
+
+def test_fve_nrm_is_the_reference_definition_and_the_train_mean_scores_zero():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(300, 8)) + np.array([4.0] + [0.0] * 7)
+    targets = rng.normal(size=(50, 8)) + np.array([4.0] + [0.0] * 7)
+    m = E.normalized(train).mean(axis=0)
+    denom = ((E.normalized(targets) - m) ** 2).mean()
+    assert E.fve_nrm_denominator(targets, m) == pytest.approx(denom)
+    # Perfect reconstruction explains everything; the unnormalized mean m explains nothing.
+    assert E.fve_nrm(np.zeros(50), targets, m) == pytest.approx(1.0)
+    mse_of_m = ((E.normalized(targets) - m) ** 2).mean(axis=1)
+    assert E.fve_nrm(mse_of_m, targets, m) == pytest.approx(0.0)
+    # A normalized constant (the mean direction) cannot reach 0: mse_nrm normalizes it.
+    mse_dir = E.mse_nrm_from_cos(E.cosine_rows(np.tile(m, (50, 1)), targets))
+    assert E.fve_nrm(mse_dir, targets, m) < 0
+
+
+def test_mean_direction_predictor_mse_nrm_is_2_1_minus_cos_with_the_mean():
+    rng = np.random.default_rng(1)
+    mean = np.zeros(16)
+    mean[0] = 20.0
+    train = mean + rng.normal(size=(200, 16))
+    targets = mean + rng.normal(size=(30, 16))
+    cols, meta = B.baseline_columns(targets, train, ["a"] * 200, train[:50], train.mean(0))
+    pred = np.stack(cols["rec_mean_direction"])
+    assert np.allclose(pred, train.mean(0), atol=1e-5)
+    unit_mean = train.mean(0) / np.linalg.norm(train.mean(0))
+    cos = targets @ unit_mean / np.linalg.norm(targets, axis=1)
+    got = ((E.normalized(pred) - E.normalized(targets)) ** 2).mean(axis=1)
+    assert got == pytest.approx(2 * (1 - cos), abs=1e-5)
+    assert meta["centroid_k"] == 1 and meta["train_pool_n"] == 200
+
+
+def test_centroid_predictor_recovers_planted_clusters():
+    rng = np.random.default_rng(2)
+    shared = np.zeros(32)
+    shared[0] = 30.0
+    centres = rng.normal(scale=3.0, size=(4, 32))
+    fams = np.repeat(["w", "x", "y", "z"], 60)
+    train = shared + centres[np.repeat(np.arange(4), 60)] + rng.normal(size=(240, 32))
+    truth = rng.integers(0, 4, size=40)
+    targets = shared + centres[truth] + rng.normal(size=(40, 32))
+    cols, meta = B.baseline_columns(targets, train, fams, train, train.mean(0))
+    assert meta["centroid_families"] == ["w", "x", "y", "z"] and meta["centroid_k"] == 4
+    assert cols["centroid_family"] == [["w", "x", "y", "z"][t] for t in truth]
+    assert np.allclose(cols["rec_centroid"][0], train[fams == cols["centroid_family"][0]].mean(0))
+    # The nearest-train oracle returns a train vector of the right cluster.
+    nn = np.stack(cols["rec_nearest_train"])
+    which = np.abs(train[None, :, :] - nn[:, None, :]).max(axis=2).argmin(axis=1)
+    assert np.allclose(train[which], nn, atol=1e-4)  # a train vector itself
+    assert (fams[which] == np.array(["w", "x", "y", "z"])[truth]).all()
+
+
+def test_pool_floor_is_the_mean_score_of_the_pool_and_about_half_centred():
+    rng = np.random.default_rng(3)
+    mean = np.zeros(64)
+    mean[0] = 50.0
+    pool = mean + rng.normal(size=(200, 64))
+    targets = mean + rng.normal(size=(20, 64))
+    raw, cen = B.pool_floor(targets, pool, pool.mean(0))
+    assert raw[4] == pytest.approx(E.cosine_rows(np.tile(targets[4], (200, 1)), pool).mean())
+    assert raw.mean() > 0.95 and cen.mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_paired_difference_and_ratio_difference_by_hand():
+    a, b = np.array([0.9, 0.8, 0.7, 0.6]), np.array([0.5, 0.9, 0.5, 0.5])
+    d = E.paired_difference(a, b, seed=0, n_boot=500)
+    assert d["mean"] == pytest.approx(0.15) and d["win_rate"] == pytest.approx(0.75)
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    r = E.ratio_difference(np.array([1.0, 1.0]), np.array([2.0, 3.0]), np.array([4.0, 4.0]), 0, 50)
+    assert r["mean"] == pytest.approx((5 - 2) / 8)
+
+
+def test_stratified_sample_keeps_family_shares_and_is_seeded():
+    groups = np.array(["pydoc"] * 107 + [f"g{i}" for i in range(10) for _ in range(3)])
+    idx = E.stratified_sample(groups, 64, seed=5)
+    assert len(set(idx.tolist())) == 64
+    share = (groups[idx] == "pydoc").mean()
+    assert abs(share - 107 / 137) < 0.03  # the first 64 in file order would be far off
+    assert len(set(groups[idx])) == 11  # every family represented
+    assert (E.stratified_sample(groups, 64, seed=5) == idx).all()
+    assert sorted(E.stratified_sample(groups, 0, seed=5)) == list(range(137))
 
 
 def test_centred_view_removes_the_shared_direction_that_inflates_raw_cosines():
@@ -49,8 +134,6 @@ def test_centred_view_removes_the_shared_direction_that_inflates_raw_cosines():
     # Unrelated vectors of an anisotropic pool: raw cosine near 1, centred near "knows nothing".
     assert E.cosine_rows(a, b).mean() > 0.95
     assert E.fve_cen_rows(a, b, pool.mean(0)).mean() == pytest.approx(0.5, abs=0.03)
-    floor = E.random_floor(pool, pool.mean(0))
-    assert floor["cos"] > 0.95 and floor["fve_cen"] == pytest.approx(0.5, abs=0.01)
     # The same vector back: 1 in both views.
     assert E.fve_cen_rows(a, a, pool.mean(0)) == pytest.approx(np.ones(100))
 
@@ -194,18 +277,67 @@ def evaluate_constructed(ar_kind: str, reads: bool = True) -> dict:
     part = S.evaluate_chunk(
         rows, shuffled(vectors), rows["text"].tolist(), (av, ar, None, None), mu, params.eval, 0, 0
     )
-    part["nn_cos"], part["nn_fve_cen"] = E.nearest_in_pool(targets, targets[::-1] + 0.5, mu)
+    return score_constructed(part, targets, mu)
+
+
+def score_constructed(part: pd.DataFrame, targets: np.ndarray, mu: np.ndarray) -> dict:
+    """Add the baselines (a train pool of two families around the targets) and score."""
+    rng = np.random.default_rng(7)
+    train = np.concatenate([targets + rng.normal(scale=2.0, size=targets.shape)] * 2)
+    fams = ["a"] * len(targets) + ["b"] * len(targets)
+    cols, base_meta = B.baseline_columns(targets, train, fams, train[::3], mu)
+    for column, values in cols.items():
+        part[column] = values
     part = validate(part, eval_rows_schema(D), "constructed")
-    meta = {"mu": mu.tolist(), "rawvar": 0.5, "seed": 0, "n_boot": 300}
+    meta = {
+        "mu": mu.tolist(),
+        "train_mean_nrm": E.normalized(train).mean(axis=0).tolist(),
+        "seed": 0,
+        "n_boot": 300,
+        "baselines": base_meta,
+    }
     return compute_metrics(part, meta)
 
 
 def test_a_constant_ar_is_content_blind_and_at_chance():
     m = evaluate_constructed("constant")
     assert m["verdicts"]["content_blind"] is True
-    assert m["ablation"]["explanation_share"]["cos"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert m["predictors"]["empty"]["round_trip_minus"]["cos"]["mean"] == pytest.approx(
+        0.0, abs=1e-6
+    )
     assert m["identity"]["raw"]["argmax_hits"] <= 1
     assert m["verdicts"]["identity_above_chance"] is False
+
+
+def test_an_ar_that_outputs_the_mean_direction_is_flagged_as_not_beating_it():
+    """The constant the default NLA loses to: an AR that always outputs the train mean ties
+    the mean-direction predictor exactly, and a tie is not a win."""
+    rows = constructed_rows()
+    targets = np.stack(rows["target"].to_list())
+    mu = targets.mean(0)
+    rng = np.random.default_rng(7)
+    train = np.concatenate([targets + rng.normal(scale=2.0, size=targets.shape)] * 2)
+    ar = TableAR({}, constant=train.mean(0).astype(np.float32))
+    params = replace(C.Params(), eval=C.EvalConfig(samples=2, paraphrases=0, judge_backend="none"))
+    vectors = torch.from_numpy(targets)
+    part = S.evaluate_chunk(
+        rows,
+        shuffled(vectors),
+        rows["text"].tolist(),
+        (FakeAV(), ar, None, None),
+        mu,
+        params.eval,
+        0,
+        0,
+    )
+    m = score_constructed(part, targets, mu)
+    lead = m["predictors"]["mean_direction"]["round_trip_minus"]
+    assert lead["cos"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert m["verdicts"]["beats_mean_direction"] is False
+    bars = {b["key"]: b["met"] for b in R.bar_rows({"eval": m})}
+    assert bars["round_trip_minus_mean_direction_cos"] == "NO"
+    assert bars["round_trip_minus_mean_direction_fve_cen"] == "NO"
+    assert "does not beat a constant" in " ".join(warnings_for("av", m))
 
 
 def test_an_oracle_ar_is_not_flagged():
@@ -213,6 +345,12 @@ def test_an_oracle_ar_is_not_flagged():
     v = m["verdicts"]
     assert v["content_blind"] is False and v["identity_above_chance"] is True
     assert v["above_random_floor"] is True and v["template_collapse"] is False
+    assert v["beats_mean_direction"] is True and v["beats_text_free_centroid"] is True
+    bars = {b["key"]: b["met"] for b in R.bar_rows({"eval": m})}
+    assert bars["round_trip_minus_centroid_fve_cen"] == "yes"
+    # The oracle of the nearest train vector is scored, labelled, and not a bar.
+    assert m["predictors"]["nearest_train"]["cos"]["n"] == 24
+    assert "round_trip_minus_nearest_train_cos" not in bars
     assert m["round_trip"]["cos"]["mean"] == pytest.approx(1.0, abs=1e-5)
     assert m["identity"]["centred"]["argmax_accuracy"] == 1.0
     # Removing a claim the oracle keyed on makes the reconstruction worse.
@@ -240,7 +378,11 @@ def test_rows_schema_names_the_row_of_unequal_list_columns():
         0,
         0,
     )
-    part["nn_cos"], part["nn_fve_cen"] = 0.5, 0.5
+    cols, _ = B.baseline_columns(
+        np.stack(rows["target"].to_list()), np.ones((3, D)), ["a"] * 3, np.ones((3, D)), np.zeros(D)
+    )
+    for column, values in cols.items():
+        part[column] = values
     validate(part, eval_rows_schema(D), "ok")
     part.at[2, "sample_cos"] = [0.1]
     part.at[1, "judge_validity"] = 7.0
@@ -385,6 +527,31 @@ def test_eval_stage_writes_rows_metrics_and_plots_that_agree(repo):
     k_curve = pd.read_csv(C.EVAL_PLOTS / "k_curve.csv")
     assert k_curve["k"].tolist() == [1, 2, 3]
     assert not (C.WORK_DIR / "eval").exists() or not any((C.WORK_DIR / "eval").iterdir())
+    # eval.rows 0: every labeled row of the split, in a seeded random order.
+    labels = pd.read_parquet(C.LABELS_PATH)
+    split_ids = labels.loc[labels["split"] == "val", "doc_id"]
+    assert sorted(rows["doc_id"]) == sorted(split_ids) and meta["split_rows"] == len(rows)
+    assert metrics["sample"]["rule"] == "all rows"
+    assert set(metrics["predictors"]) >= {"mean_direction", "centroid", "nearest_train", "replay"}
+    # From rows.parquet alone: with every other input gone, the same numbers.
+    alone = repo.parent / "alone.parquet"
+    shutil.copyfile(C.EVAL_ROWS, alone)
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / "models")
+    rows_alone, meta_alone = read_eval_rows(alone, 32)
+    assert compute_metrics(rows_alone, meta_alone) == metrics
+
+
+def test_a_sample_of_the_split_is_seeded_and_drawn_from_it(repo):
+    params = eval_params(rows=3, judge_backend="none", paraphrases=0, samples=0)
+    inputs = S.eval_inputs(params.eval, 32)
+    labels = pd.read_parquet(C.LABELS_PATH)
+    split = labels[labels["split"] == "val"]
+    assert len(inputs.rows) == 3 and inputs.split_rows == len(split)
+    assert set(inputs.rows["doc_id"]) <= set(split["doc_id"])
+    assert len(inputs.rows["doc_id"].unique()) == 3
+    again = S.eval_inputs(params.eval, 32)
+    assert again.rows["doc_id"].tolist() == inputs.rows["doc_id"].tolist()  # seeded
 
 
 def test_interrupted_eval_resumes_without_redoing_chunks(repo, monkeypatch):
@@ -502,14 +669,14 @@ def test_a_registry_metric_with_compute_lands_in_eval_json_and_the_report(monkey
         "round_trip_fve_cen_median",
         "Round trip, centred, median",
         "eval",
-        "centred.greedy.fve_cen_median",
+        "round_trip.fve_cen_median",
         compute=lambda rows, meta: float(np.median(rows["fve_cen_greedy"])),
         shown=("report",),
     )
     monkeypatch.setattr(R, "METRICS", (*R.METRICS, median))
     monkeypatch.setitem(R.BY_KEY, median.key, median)
     m = evaluate_constructed("oracle")
-    assert m["centred"]["greedy"]["fve_cen_median"] == pytest.approx(1.0, abs=1e-5)
+    assert m["round_trip"]["fve_cen_median"] == pytest.approx(1.0, abs=1e-5)
     assert dict(eval_report(m))["Round trip, centred, median"] == "1.000"
     clash = R.Metric("clash", "clash", "eval", "round_trip.fve_nrm", compute=lambda r, m: 0.0)
     monkeypatch.setattr(R, "METRICS", (*R.METRICS, clash))

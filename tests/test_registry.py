@@ -40,6 +40,19 @@ def test_declarations_are_consistent():
         assert (m.fmt == "fraction") == (m.count is not None), m.key
     for bar in R.QUALITY_BARS:
         assert bar.metric in R.BY_KEY and (bar.threshold_metric or "eval_n") in R.BY_KEY
+    # No oracle is a bar: it selects with the target, so beating it is not the point.
+    oracles = {p.name for p in R.PREDICTORS if p.kind == "oracle"}
+    assert not any(b.metric.endswith(f"_{o}_cos") for b in R.QUALITY_BARS for o in oracles)
+
+
+def test_every_baseline_is_a_bar_in_both_views_and_shown_in_the_report():
+    bars = {b.metric for b in R.QUALITY_BARS}
+    for p in R.PREDICTORS:
+        if p.kind == "baseline":
+            for view in ("cos", "fve_cen"):
+                key = R.lead_key(p.name, view)
+                assert key in bars and "report" in R.BY_KEY[key].shown, key
+    assert "explanation_share_cos" in bars  # minus the empty string: the content test
 
 
 def test_every_declared_metric_resolves_on_the_committed_build(metrics):
@@ -48,9 +61,10 @@ def test_every_declared_metric_resolves_on_the_committed_build(metrics):
     assert results.value("round_trip_cos") == metrics["eval"]["round_trip"]["cos"]["mean"]
     assert (
         results.value("best_of_k_fve_cen")
-        == metrics["eval"]["centred"]["best_of_2"]["fve_cen"]["mean"]
+        == metrics["eval"]["predictors"]["best_of_k"]["fve_cen"]["mean"]
     )
-    assert results.name("best_of_k_fve_cen") == "Best of 2 (oracle), centred"
+    assert results.name("best_of_k_fve_cen") == "Best of 2 samples (oracle): fve_cen"
+    assert results.name("round_trip_minus_best_of_k_cos").startswith("Round trip minus best of 2")
 
 
 def test_a_missing_path_is_an_error_naming_file_and_path(metrics):
@@ -67,7 +81,7 @@ def test_switched_off_features_drop_their_metrics_and_nulls_say_not_measured(met
     ev = copy.deepcopy(metrics["eval"])
     ev["best_of_k"]["k_max"] = 0
     ev["judge"]["n"] = 0
-    ev["centred"]["paraphrase_ceiling"]["fve_cen"]["mean"] = None
+    ev["predictors"]["paraphrase_ceiling"]["fve_cen"]["mean"] = None
     results = R.Results({"eval": ev})
     assert not results.applies("best_of_k_fve_cen")
     keys = results.keys("report")
@@ -82,8 +96,9 @@ def test_formats_intervals_and_baselines(metrics):
     assert r.text("identity_argmax_accuracy") == (
         f"{ident['argmax_hits']}/{ident['n']} ({100 * ident['argmax_accuracy']:.1f}%)"
     )
-    floor = metrics["eval"]["centred"]["random_floor"]["cos"]
-    assert r.baseline("round_trip_cos") == f"random floor (mean pool cosine) {floor:.3f}"
+    pred = metrics["eval"]["predictors"]
+    floor, const = pred["random_floor"]["cos"]["mean"], pred["mean_direction"]["cos"]["mean"]
+    assert r.baseline("round_trip_cos") == f"mean direction {const:.3f}; random floor {floor:.3f}"
     lo, hi = metrics["eval"]["round_trip"]["cos"]["ci95"]
     assert r.ci_text("round_trip_cos") == f"[{lo:.3f}, {hi:.3f}]"
     assert r.n_text("explained_variance") == f"{metrics['sae']['n_tokens']:,} tokens"

@@ -23,6 +23,7 @@ def test_offset_streams():
     assert derive_seed(11, 2, stream="attempt") == 11 + 2 * 7_919
     assert derive_seed(11, 3, stream="paraphrase") == 11 + 3 * 104_729
     assert derive_seed(11, 16, stream="offset") == 27
+    assert derive_seed(11, 1, stream="sample") == 11 + 15_485_863  # eval's evaluated rows
 
 
 def test_bad_streams_and_arity_are_errors():
@@ -35,7 +36,7 @@ def test_bad_streams_and_arity_are_errors():
 def test_no_module_derives_seeds_with_its_own_constants():
     """Every derived seed goes through derive_seed: the stream multipliers appear only in
     seeds.py."""
-    pattern = re.compile(r"\b(1_000_003|10_007|7_?919|104_729)\b")
+    pattern = re.compile(r"\b(1_000_003|10_007|7_?919|104_729|15_485_863)\b")
     offenders = [
         f"{path.relative_to(SRC)}:{n}"
         for path in SRC.rglob("*.py")

@@ -405,8 +405,10 @@ class EvalConfig:
     """Held-out split whose labeled rows are evaluated."""
     pool_split: Literal["train", "val", "test"] = "val"
     """Held-out pool whose mean `mu` centres the cosines (not the evaluated split)."""
-    rows: int = 64
-    """Evaluate the first this many rows of the split (0: all)."""
+    rows: int = 0
+    """Evaluate a seeded random sample of this many of the split's labeled rows, stratified
+    by source family (0: all of them). The rows are evaluated in a seeded random order, so
+    `judge_rows` judges a random subset."""
     samples: int = 2
     """Sampled explanations per row besides the greedy one (the best-of-K curve; 0: none)."""
     temperature: float = 1.0
@@ -427,8 +429,9 @@ class EvalConfig:
     judge_model: str | None = None
     """Provider model name of the judge (local: the base model)."""
     judge_rows: int = 32
-    """Judge the first this many evaluated rows (0: all). The local 135M judge costs a third
-    of the default's eval time and is a weak instrument: a sample of 32 shows it works."""
+    """Judge this many of the evaluated rows (the first in their random order, so a random
+    subset; 0: all). The local 135M judge costs a third of the default's eval time and is a
+    weak instrument: a sample of 32 shows it works."""
     judge_base_url: str | None = None
     """Provider endpoint override for the judge and paraphraser (a proxy, a test server)."""
     judge_batch_size: int = 16

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 
 from nla_repro.evaluation.measures import cosine_matrix
-from nla_repro.evaluation.registry import Results, ablation_key
+from nla_repro.evaluation.registry import PREDICTORS, Results, lead_key, predictor_key
 from nla_repro.io import atomic_path, write_text
 from nla_repro.schemas import EVAL_CONDITIONS
 
-PNG_NAMES = ("round_trip", "cos_hist", "k_curve", "ablation", "identity")
-CSV_NAMES = ("round_trip", "k_curve", "ablation")
+PNG_NAMES = ("baselines", "round_trip", "cos_hist", "k_curve", "ablation", "identity")
+CSV_NAMES = ("baselines", "round_trip", "k_curve", "ablation")
 SAE_PNG_NAMES = ("density", "train_curve")
 SAE_CSV_NAMES = ("density",)
 
@@ -37,13 +37,42 @@ def _csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path | str) -> None:
-    """round_trip, cos_hist, k_curve, ablation, identity (.png), and round_trip.csv,
-    k_curve.csv, ablation.csv for `dvc plots show`."""
+    """baselines, round_trip, cos_hist, k_curve, ablation, identity (.png), and
+    baselines.csv, round_trip.csv, k_curve.csv, ablation.csv for `dvc plots show`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = Results({"eval": metrics})
     n = m.value("eval_n")
     floor = {"cos": m.value("random_floor_cos"), "fve_cen": m.value("random_floor_fve_cen")}
+
+    # The round trip's paired lead over every predictor, raw and centred: left of 0 loses.
+    shown = [p for p in PREDICTORS if m.applies(predictor_key(p.name, "cos"))]
+    records = []
+    for p in shown:
+        record = {"predictor": p.name, "kind": p.kind}
+        for view in ("cos", "fve_cen"):
+            lo, hi = m.ci(lead_key(p.name, view)) or (None, None)
+            record |= {f"lead_{view}": m.value(lead_key(p.name, view)), f"lo_{view}": lo}
+            record[f"hi_{view}"] = hi
+        records.append(record)
+    lead = pd.DataFrame(records)
+    _csv(lead, out / "baselines.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(shown) + 1.6), sharey=True)
+    y = np.arange(len(shown))[::-1]
+    colours = {"baseline": "C3", "control": "C1", "anchor": "C0", "oracle": "C7"}
+    for ax, view in zip(axes, ("cos", "fve_cen"), strict=True):
+        mean = lead[f"lead_{view}"].to_numpy(float)
+        err = np.abs(lead[[f"lo_{view}", f"hi_{view}"]].to_numpy(float).T - mean)
+        ax.errorbar(mean, y, xerr=np.nan_to_num(err), fmt="none", ecolor="k", capsize=2, lw=1)
+        ax.scatter(mean, y, c=[colours[k] for k in lead["kind"]], zorder=3)
+        ax.axvline(0, c="grey", lw=1)
+        ax.set(xlabel=f"round trip minus predictor, {'raw cos' if view == 'cos' else 'fve_cen'}")
+    axes[0].set_yticks(y, [m.name(predictor_key(p.name, "cos")).split(":")[0] for p in shown])
+    for kind, colour in colours.items():
+        axes[1].scatter([], [], c=colour, label=kind)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Round trip vs what reads no explanation (n = {n}, paired 95% CIs)")
+    _save(fig, out / "baselines.png")
 
     # Per-row round trip, sorted, against the random floor.
     order = np.argsort(rows["fve_cen_greedy"].to_numpy())
@@ -94,18 +123,23 @@ def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path 
     _save(fig, out / "k_curve.png")
 
     # Content-blindness ablation with 95% intervals.
+    def key(condition: str, view: str) -> str:
+        if condition == "greedy":
+            return "round_trip_cos" if view == "cos" else "round_trip_fve_cen"
+        return predictor_key(condition, view)
+
     ab_df = pd.DataFrame(
         {
             "condition": list(EVAL_CONDITIONS),
-            "cos": [m.value(ablation_key(c, "cos")) for c in EVAL_CONDITIONS],
-            "fve_cen": [m.value(ablation_key(c, "fve_cen")) for c in EVAL_CONDITIONS],
+            "cos": [m.value(key(c, "cos")) for c in EVAL_CONDITIONS],
+            "fve_cen": [m.value(key(c, "fve_cen")) for c in EVAL_CONDITIONS],
         }
     )
     _csv(ab_df, out / "ablation.csv")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, view in zip(axes, ("cos", "fve_cen"), strict=True):
-        means = np.array([m.value(ablation_key(c, view)) for c in EVAL_CONDITIONS])
-        cis = np.array([m.ci(ablation_key(c, view)) for c in EVAL_CONDITIONS], dtype=float)
+        means = np.array([m.value(key(c, view)) for c in EVAL_CONDITIONS])
+        cis = np.array([m.ci(key(c, view)) for c in EVAL_CONDITIONS], dtype=float)
         err = np.abs(cis.T - means)
         ax.bar(EVAL_CONDITIONS, means, yerr=err, capsize=3, color="C0")
         base = floor[view]

@@ -141,6 +141,9 @@ def pairs_schema(d_model: int) -> pa.DataFrameSchema:
 # replay = the source label, empty = "", unrelated = another row's document text, gibberish =
 # random vocabulary tokens. Each has a reconstructed vector and its scores per eval row.
 EVAL_CONDITIONS = ("greedy", "replay", "empty", "unrelated", "gibberish")
+# Predictors that read no text (`evaluation.baselines`): their vectors are `rec_<name>`
+# columns too, scored with the same metrics as the AR's.
+BASELINE_PREDICTORS = ("mean_direction", "centroid", "nearest_train")
 # Per-row list columns that come in groups of equal length (K samples, N paraphrases, claims).
 EVAL_LIST_GROUPS = (
     ("samples", "sample_logprob", "sample_cos", "sample_fve_cen"),
@@ -169,7 +172,9 @@ def _equal_lengths(df: pd.DataFrame) -> pd.Series:
 def eval_rows_schema(d_model: int) -> pa.DataFrameSchema:
     """data/eval/rows.parquet: one row per evaluated held-out vector, with everything
     metrics/eval.json is computed from. `cos_*` are raw cosines with the target, `fve_cen_*`
-    are 0.5 * (1 + cos(h - mu, v - mu)) with mu the held-out pool mean (parquet metadata)."""
+    are 0.5 * (1 + cos(h - mu, v - mu)) with mu the held-out pool mean (parquet metadata);
+    `rec_<baseline>` are the text-free predictors' vectors, `floor_*` each row's random floor
+    (the mean score of the held-out pool's vectors)."""
     score = [pa.Check(lambda s: np.isfinite(s), error="not finite")]
     judge = pa.Check(lambda s: s.isna() | s.between(1, 5), error="judge score outside 1-5")
     columns = {
@@ -191,8 +196,9 @@ def eval_rows_schema(d_model: int) -> pa.DataFrameSchema:
         "claim_delta_mse": pa.Column(object, _list_of(float)),
         "unrelated_text": pa.Column(str),
         "gibberish_text": pa.Column(str),
-        "nn_cos": pa.Column(float, score),
-        "nn_fve_cen": pa.Column(float, score),
+        "centroid_family": pa.Column(str),
+        "floor_cos": pa.Column(float, [*score, pa.Check.in_range(-1.0001, 1.0001)]),
+        "floor_fve_cen": pa.Column(float, [*score, pa.Check.in_range(-0.0001, 1.0001)]),
         "nll_true": pa.Column(float, score),
         "nll_shuffled": pa.Column(float, score),
         "n_label_tokens": pa.Column("int64", pa.Check.ge(1)),
@@ -206,6 +212,8 @@ def eval_rows_schema(d_model: int) -> pa.DataFrameSchema:
         columns[f"rec_{cond}"] = pa.Column(object, _vector_checks(d_model))
         columns[f"cos_{cond}"] = pa.Column(float, [*score, pa.Check.in_range(-1.0001, 1.0001)])
         columns[f"fve_cen_{cond}"] = pa.Column(float, [*score, pa.Check.in_range(-0.0001, 1.0001)])
+    for name in BASELINE_PREDICTORS:
+        columns[f"rec_{name}"] = pa.Column(object, _vector_checks(d_model))
     return pa.DataFrameSchema(
         columns,
         checks=[pa.Check(_equal_lengths, error="list columns of one group differ in length")],
@@ -284,7 +292,7 @@ def read_parquet(path: Path | str, schema: pa.DataFrameSchema) -> pd.DataFrame:
 META_KEY = b"nla_eval"
 
 
-VECTOR_COLUMNS = ("target", *(f"rec_{c}" for c in EVAL_CONDITIONS))
+VECTOR_COLUMNS = ("target", *(f"rec_{c}" for c in EVAL_CONDITIONS + BASELINE_PREDICTORS))
 
 
 LIST_TYPES = {
@@ -318,7 +326,7 @@ def eval_rows_to_arrow(df: pd.DataFrame, meta: dict | None = None) -> pa_arrow.T
 
 
 def read_eval_rows(path: Path | str, d_model: int) -> tuple[pd.DataFrame, dict]:
-    """rows.parquet, validated, and its metadata (mu, rawvar, seeds, models, judge)."""
+    """rows.parquet, validated, and its metadata (mu, train_mean_nrm, seeds, models, judge)."""
     table = pq.read_table(path)
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
     return validate(eval_rows_from_arrow(table), eval_rows_schema(d_model), path), meta

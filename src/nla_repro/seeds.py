@@ -12,6 +12,8 @@ change every sampled output, so they are fixed; a test pins them):
 - stream `paraphrase`: `seed + 104_729 * j`, the j-th paraphrase of a label.
 - stream `offset`: `seed + i`, a batch starting at row i, a scaffold step, a second pass
   (auditor, pairwise judge) of the same rows.
+- stream `sample`: `seed + 15_485_863 * i`, the i-th sample a stage draws from its rows
+  (i = 1: the rows eval evaluates and their order).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ STREAMS: dict[str, tuple[int, ...]] = {
     "attempt": (1, 7_919),
     "paraphrase": (1, 104_729),
     "offset": (1, 1),
+    "sample": (1, 15_485_863),
 }
 """Multipliers of (seed, index_0, index_1, ...) per stream."""
 

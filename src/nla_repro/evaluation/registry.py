@@ -58,6 +58,8 @@ class Reference:
     """The number as published."""
     model: str
     """Whose number it is."""
+    caveat: str = ""
+    """How the published quantity differs from ours, when it does (shown beside it)."""
 
 
 GEMMA_PAIR = "Gemma-4-E2B L23 NLA pair (published card)"
@@ -112,46 +114,180 @@ class Metric:
     `path` (docs/how-to/add-a-metric.md)."""
 
 
-def ablation_key(condition: str, view: str) -> str:
-    """Key of the ablation metric of one AR input condition, view cos or fve_cen (the empty
-    string's raw cosine keeps the model-index name the cards published it under)."""
-    if (condition, view) == ("empty", "cos"):
-        return "empty_string_cos"
-    return f"ablation_{condition}_{view}"
+@dataclass(frozen=True)
+class Predictor:
+    """Something scored on the same rows as the round trip (a baseline, a control, an
+    anchor): metrics.predictors.<name> holds its scores and the round trip's paired lead."""
+
+    name: str
+    """Key under `predictors` in metrics/eval.json."""
+    label: str
+    """How the tables name it ({k} is the best-of-K sample count)."""
+    sees: str
+    """What it reads of v or of text: why beating it means something."""
+    kind: Literal["baseline", "control", "anchor", "oracle"]
+    """baseline: a predictor without the explanation the round trip must beat; control: an
+    AR input without content; anchor: a real text of the label; oracle: it selects with the
+    target itself, an upper reference, not a bar."""
+    when: str | None = None
+    """Dotted path that is falsy when it was not computed (no samples, no paraphrases)."""
 
 
-def _ablation(cond: str, label: str, ref: str | None = None, index: bool = False):
-    """The AR-on-condition pair of rows of the content-blindness ablation."""
-    share = cond == "explanation_share"
-    return (
+PREDICTORS: tuple[Predictor, ...] = (
+    Predictor(
+        "mean_direction",
+        "Mean direction (a constant)",
+        "nothing: always the train pool's mean vector",
+        "baseline",
+    ),
+    Predictor(
+        "centroid",
+        "Nearest family centroid (text-free)",
+        "v only through which train-family centroid is nearest (one per source family)",
+        "baseline",
+    ),
+    Predictor(
+        "random_floor",
+        "Random floor",
+        "nothing: the mean score of every held-out pool vector",
+        "baseline",
+    ),
+    Predictor("empty", "Empty string", "the AR on the empty string", "control"),
+    Predictor("unrelated", "Unrelated real text", "the AR on another row's document", "control"),
+    Predictor("gibberish", "Gibberish", "the AR on random vocabulary tokens", "control"),
+    Predictor(
+        "paraphrase",
+        "One paraphrase of the label",
+        "the AR on a paraphrase of the source label (mean over the paraphrases)",
+        "anchor",
+        "predictors.paraphrase.cos.n",
+    ),
+    Predictor(
+        "paraphrase_ceiling",
+        "Paraphrase ceiling (best paraphrase)",
+        "the AR on the paraphrase that scores best against v (an oracle choice among several)",
+        "anchor",
+        "predictors.paraphrase_ceiling.cos.n",
+    ),
+    Predictor(
+        "replay",
+        "Replay of the source label (the ceiling)",
+        "the AR on the label the AV was trained to write",
+        "anchor",
+    ),
+    Predictor(
+        "logprob_rerank",
+        "AV's likeliest of {k} samples",
+        "K sampled explanations, the one the AV finds likeliest",
+        "anchor",
+        "best_of_k.k_max",
+    ),
+    Predictor(
+        "best_of_k",
+        "Best of {k} samples (oracle)",
+        "K sampled explanations, the best chosen by its score against v",
+        "oracle",
+        "best_of_k.k_max",
+    ),
+    Predictor(
+        "nearest_train",
+        "Nearest train vector (oracle)",
+        "v itself: the train vector nearest the target (centred)",
+        "oracle",
+    ),
+)
+BY_PREDICTOR: dict[str, Predictor] = {p.name: p for p in PREDICTORS}
+VIEWS = ("cos", "fve_cen", "fve_nrm")
+"""The three scores of every predictor: raw cosine, centred cosine score, fve_nrm."""
+
+
+def predictor_key(name: str, view: str) -> str:
+    """Key of a predictor's score in one view (the empty string's raw cosine keeps the
+    model-index name the cards published it under)."""
+    return "empty_string_cos" if (name, view) == ("empty", "cos") else f"{name}_{view}"
+
+
+def lead_key(name: str, view: str) -> str:
+    """Key of the round trip minus a predictor, paired over the same rows (minus the empty
+    string is the explanation's share, the content-blindness test)."""
+    return f"explanation_share_{view}" if name == "empty" else f"round_trip_minus_{name}_{view}"
+
+
+VIEW_NAMES = {"cos": "raw cos", "fve_cen": "fve_cen", "fve_nrm": "fve_nrm"}
+PREDICTOR_REFERENCES: dict[str, Reference] = {
+    "random_floor_fve_cen": Reference("0.498", PREFIX_AV),
+    "paraphrase_ceiling_fve_cen": Reference("0.598", PREFIX_AV),
+    "best_of_k_fve_cen": Reference("0.631 (best of 64)", PREFIX_AV),
+    "empty_string_cos": Reference("0.405", GEMMA_PAIR),
+    "unrelated_cos": Reference("0.405", GEMMA_PAIR),
+    "gibberish_cos": Reference("0.414", GEMMA_PAIR),
+}
+"""Published numbers of the same predictors (docs/concepts/reference-numbers.md)."""
+
+
+def _predictor_metrics(p: Predictor) -> tuple[Metric, ...]:
+    """A predictor's score and the round trip's lead over it, in each view."""
+    base = f"predictors.{p.name}"
+    index = {
+        ("empty", "cos"): ("index:ar",),
+        ("replay", "cos"): ("index:ar",),
+        ("replay", "fve_cen"): ("index:ar", "report", "card:av"),
+    }
+    out = []
+    for view in VIEWS:
+        has_ci = view != "fve_nrm"
+        key = predictor_key(p.name, view)
+        reference = PREDICTOR_REFERENCES.get(key)
+        out.append(
+            Metric(
+                key,
+                f"{p.label}: {VIEW_NAMES[view]}",
+                "eval",
+                f"{base}.{view}.mean" if has_ci else f"{base}.{view}",
+                ci=f"{base}.{view}.ci95" if has_ci else None,
+                n=f"{base}.{view}.n" if has_ci else None,
+                when=p.when,
+                baseline="random floor {random_floor_fve_cen}"
+                if p.kind == "control" and view == "fve_cen"
+                else "",
+                definition=f"{p.sees}, scored like the round trip",
+                reference=reference,
+                shown=("card:ar",) * (p.kind == "control" or p.name == "replay") * has_ci
+                + index.get((p.name, view), ())
+                + ("calibration",) * (reference is not None),
+            )
+        )
+        lead = f"{base}.round_trip_minus.{view}"
+        out.append(
+            Metric(
+                lead_key(p.name, view),
+                f"Explanation share (round trip minus empty string), {VIEW_NAMES[view]}"
+                if p.name == "empty"
+                else f"Round trip minus {p.label[0].lower() + p.label[1:]}, {VIEW_NAMES[view]}",
+                "eval",
+                f"{lead}.mean",
+                ci=f"{lead}.ci95",
+                n=f"{lead}.n",
+                when=p.when,
+                baseline="0 (no better than it)",
+                definition=f"paired over the same rows: the round trip's lead over {p.sees}",
+                shown=("report",) * (p.kind == "baseline" and view != "fve_nrm")
+                + (("report", "index:ar", "card:ar") if p.name == "empty" and has_ci else ()),
+            )
+        )
+    out.append(
         Metric(
-            ablation_key(cond, "cos"),
-            f"{label}: cos",
+            f"round_trip_wins_over_{p.name}",
+            f"rows where the round trip beats {p.label[0].lower() + p.label[1:]} (raw cos)",
             "eval",
-            f"ablation.{cond}.cos.mean",
-            ci=f"ablation.{cond}.cos.ci95",
-            n=f"ablation.{cond}.cos.n",
-            baseline="0 (content-blind)" if share else "",
-            definition=f"raw cosine of the AR's reconstruction from {label.lower()} with v",
-            reference=Reference(ref, GEMMA_PAIR) if ref else None,
-            shown=(
-                "card:ar",
-                *(("calibration",) if ref else ()),
-                *(("index:ar",) if index else ()),
-            ),
-        ),
-        Metric(
-            ablation_key(cond, "fve_cen"),
-            f"{label}: fve_cen",
-            "eval",
-            f"ablation.{cond}.fve_cen.mean",
-            ci=f"ablation.{cond}.fve_cen.ci95",
-            n=f"ablation.{cond}.fve_cen.n",
-            baseline="0 (content-blind)" if share else "random floor {random_floor_fve_cen}",
-            definition=f"centred score of the AR's reconstruction from {label.lower()}",
-            shown=("card:ar",),
-        ),
+            f"{base}.round_trip_minus.cos.win_rate",
+            "pct",
+            n=f"{base}.round_trip_minus.cos.n",
+            when=p.when,
+            baseline="50% (a coin flip)",
+        )
     )
+    return tuple(out)
 
 
 def _sft(
@@ -177,6 +313,14 @@ METRICS: tuple[Metric, ...] = (
         shown=("report",),
     ),
     Metric(
+        "eval_split_rows",
+        "labeled rows of the split",
+        "eval",
+        "sample.split_rows",
+        fmt="int",
+        definition="the evaluated rows are all of them or a random sample stratified by family",
+    ),
+    Metric(
         "round_trip_cos",
         "Round trip cos(v, AR(AV(v))), raw",
         "eval",
@@ -184,93 +328,23 @@ METRICS: tuple[Metric, ...] = (
         ci="round_trip.cos.ci95",
         n="round_trip.cos.n",
         spread="round_trip.cos.std",
-        baseline="random floor (mean pool cosine) {random_floor_cos}",
+        baseline="mean direction {mean_direction_cos}; random floor {random_floor_cos}",
         definition="cosine of the AR's reconstruction from the AV's greedy output with v",
         reference=Reference("0.438 ± 0.054 (n=42 of 50; 8 empty outputs excluded)", GEMMA_PAIR),
         shown=("report", "index:av", "card:av", "calibration"),
     ),
     Metric(
         "round_trip_fve_cen",
-        "Round trip, centred fve_cen",
+        "Round trip, centred cosine score fve_cen",
         "eval",
-        "centred.greedy.fve_cen.mean",
-        ci="centred.greedy.fve_cen.ci95",
-        n="centred.greedy.fve_cen.n",
-        baseline="random floor {random_floor_fve_cen}",
-        definition="0.5 (1 + cos(h - mu, v - mu)), mu a held-out pool mean: 0.5 knows nothing",
+        "round_trip.fve_cen.mean",
+        ci="round_trip.fve_cen.ci95",
+        n="round_trip.fve_cen.n",
+        baseline="random floor {random_floor_fve_cen}; text-free centroid {centroid_fve_cen}",
+        definition="0.5 (1 + cos(h - mu, v - mu)), mu a held-out pool mean: a rescaled centred "
+        "cosine (0.5 knows nothing), not a fraction of variance",
         reference=Reference("0.528", PREFIX_AV),
         shown=("report", "index:av", "card:av", "calibration"),
-    ),
-    Metric(
-        "random_floor_cos",
-        "random floor, raw cos",
-        "eval",
-        "centred.random_floor.cos",
-        definition="mean off-diagonal cosine between the evaluated targets",
-    ),
-    Metric(
-        "random_floor_fve_cen",
-        "random floor, fve_cen",
-        "eval",
-        "centred.random_floor.fve_cen",
-        definition="what an unrelated vector of the same pool scores, centred",
-        reference=Reference("0.498", PREFIX_AV),
-        shown=("calibration",),
-    ),
-    Metric(
-        "replay_cos",
-        "Replay cosine (AR on the label)",
-        "eval",
-        "centred.replay.cos.mean",
-        ci="centred.replay.cos.ci95",
-        n="centred.replay.cos.n",
-        definition="the AR reading the source label itself: what the labels reach",
-        shown=("index:ar",),
-    ),
-    Metric(
-        "replay_fve_cen",
-        "Replay (AR on the label), centred",
-        "eval",
-        "centred.replay.fve_cen.mean",
-        ci="centred.replay.fve_cen.ci95",
-        n="centred.replay.fve_cen.n",
-        baseline="anchor: what the labels reach",
-        definition="the AR reading the source label itself, centred",
-        shown=("report", "index:ar", "card:av"),
-    ),
-    Metric(
-        "paraphrase_ceiling_fve_cen",
-        "Paraphrase ceiling, centred",
-        "eval",
-        "centred.paraphrase_ceiling.fve_cen.mean",
-        ci="centred.paraphrase_ceiling.fve_cen.ci95",
-        n="centred.paraphrase_ceiling.fve_cen.n",
-        definition="best of N paraphrases of the label through the AR, centred",
-        reference=Reference("0.598", PREFIX_AV),
-        shown=("report", "calibration"),
-    ),
-    Metric(
-        "best_of_k_fve_cen",
-        "Best of {k} (oracle), centred",
-        "eval",
-        "centred.best_of_{k}.fve_cen.mean",
-        ci="centred.best_of_{k}.fve_cen.ci95",
-        n="centred.best_of_{k}.fve_cen.n",
-        baseline="paraphrase ceiling {paraphrase_ceiling_fve_cen}",
-        when="best_of_k.k_max",
-        definition="the best of K sampled explanations by the AR's own score, centred",
-        reference=Reference("0.631 (best of 64)", PREFIX_AV),
-        shown=("report", "card:av", "calibration"),
-    ),
-    Metric(
-        "nn_in_pool_fve_cen",
-        "Nearest train vector, centred",
-        "eval",
-        "centred.nn_in_pool.fve_cen.mean",
-        ci="centred.nn_in_pool.fve_cen.ci95",
-        n="centred.nn_in_pool.fve_cen.n",
-        definition="the best training activation for each target: a lookup, reading nothing",
-        shown=("report",),
     ),
     Metric(
         "mse_nrm",
@@ -284,42 +358,16 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric(
         "fve_nrm",
-        "fve_nrm",
+        "Round trip fve_nrm (fraction of variance explained)",
         "eval",
         "round_trip.fve_nrm",
         n="n",
-        baseline="0 (predict the train mean)",
-        definition="1 - mse_nrm / rawvar, rawvar the per-element variance of norm(v) in train",
+        baseline="mean direction {mean_direction_fve_nrm} (0: the unnormalized train mean)",
+        definition="1 - mse_nrm / MSE(norm(v), m), m the train pool's mean of norm(v), the MSE "
+        "over the evaluated targets",
         shown=("report", "card:av"),
     ),
-    # --- eval: what the AR reads (content-blindness ablation) -------------------------------
-    *_ablation("greedy", "AV output", ref="0.429"),
-    *_ablation("replay", "Source label (replay)"),
-    *_ablation("empty", "Empty string", ref="0.405", index=True),
-    *_ablation("unrelated", "Unrelated real text", ref="0.405"),
-    *_ablation("gibberish", "Gibberish", ref="0.414"),
-    Metric(
-        "explanation_share_cos",
-        "AR on AV output minus empty string, raw cos",
-        "eval",
-        "ablation.explanation_share.cos.mean",
-        ci="ablation.explanation_share.cos.ci95",
-        n="ablation.explanation_share.cos.n",
-        baseline="0 (content-blind)",
-        definition="AR score on the AV output minus on the empty string: the text's share",
-        shown=("report", "index:ar", "card:ar"),
-    ),
-    Metric(
-        "explanation_share_fve_cen",
-        "AR on AV output minus empty string, centred fve_cen",
-        "eval",
-        "ablation.explanation_share.fve_cen.mean",
-        ci="ablation.explanation_share.fve_cen.ci95",
-        n="ablation.explanation_share.fve_cen.n",
-        baseline="0 (content-blind)",
-        definition="the same difference, centred",
-        shown=("report", "index:ar", "card:ar"),
-    ),
+    *(m for p in PREDICTORS for m in _predictor_metrics(p)),
     # --- eval: identity, the AV, diversity, claims ------------------------------------------
     Metric(
         "identity_argmax_accuracy",
@@ -433,11 +481,18 @@ METRICS: tuple[Metric, ...] = (
         "per_claim.delta_fve.mean",
         fmt="pct",
         digits=2,
+        ci="per_claim.delta_fve.ci95",
         n="per_claim.n_claims",
         n_unit="claims",
         baseline="0 (the claim adds nothing)",
-        definition="mse without a claim minus with all claims, over rawvar",
-        reference=Reference("+1.8% to +7.3% FVE", GEMMA_PAIR),
+        definition="mse_nrm without a claim minus with all claims, over fve_nrm's denominator; "
+        "the interval resamples rows",
+        reference=Reference(
+            "+1.8% to +7.3% FVE",
+            GEMMA_PAIR,
+            caveat="not the same quantity: measured on a 30-row probe with 138–140 claims a row "
+            "across four ARs; ours is the mean over this eval's claims",
+        ),
         shown=("card:av", "calibration"),
     ),
     # --- eval: the LLM judge ----------------------------------------------------------------
@@ -686,7 +741,11 @@ class Results:
         return self._path(BY_KEY[key], BY_KEY[key].path)
 
     def name(self, key: str) -> str:
-        return BY_KEY[key].name.format(**self._args)
+        return self.fill(BY_KEY[key].name)
+
+    def fill(self, text: str) -> str:
+        """A name or label with its placeholders ({k}) filled from these metrics."""
+        return text.format(**self._args)
 
     def text(self, key: str, digits: int | None = None) -> str:
         """The value as shown (fraction: `count/n (pct)`)."""
@@ -717,8 +776,11 @@ class Results:
         return self._path(m, m.ci) if m.ci else None
 
     def ci_text(self, key: str) -> str:
-        m = BY_KEY[key]
-        return interval(self.ci(key), _digits(m) if m.fmt == "num" else 3)
+        """The 95% interval as shown, in the value's own format (a rate in percent)."""
+        m, ci = BY_KEY[key], self.ci(key)
+        if m.fmt == "pct" and ci and all(v is not None for v in ci):
+            return f"[{pct(ci[0], _digits(m))}, {pct(ci[1], _digits(m))}]"
+        return interval(ci, _digits(m) if m.fmt == "num" else 3)
 
     def n_text(self, key: str) -> str:
         m = BY_KEY[key]
@@ -803,7 +865,12 @@ QUALITY_BARS: tuple[Bar, ...] = (
     Bar("identity_argmax_accuracy", ">=", 0.20),
     Bar("unique_output_rate", ">=", 0.90),
     Bar("empty_output_rate", "<=", 0.02),
-    Bar("round_trip_fve_cen", ">", threshold_metric="random_floor_fve_cen"),
+    # The round trip beats what reads no explanation, on the same rows, in both views.
+    *(
+        Bar(lead_key(name, view), ">", 0.0)
+        for name in ("random_floor", "mean_direction", "centroid")
+        for view in ("cos", "fve_cen")
+    ),
 )
 
 
@@ -835,3 +902,46 @@ def bar_rows(metrics: dict[str, dict]) -> list[dict]:
             }
         )
     return rows
+
+
+# --- Tables over the predictors and the families -----------------------------------------------
+
+
+def predictor_rows(metrics: dict[str, dict]) -> list[dict]:
+    """One row per predictor scored beside the round trip (in PREDICTORS order, those that
+    were computed): its three scores and the round trip's paired lead over it."""
+    results = Results(metrics)
+    rows = []
+    for p in PREDICTORS:
+        if not results.applies(predictor_key(p.name, "cos")):
+            continue
+        row = {"name": results.fill(p.label), "kind": p.kind, "sees": p.sees}
+        for view in VIEWS:
+            key, lead = predictor_key(p.name, view), lead_key(p.name, view)
+            row[view] = results.text(key)
+            row[f"lead_{view}"] = f"{results.text(lead)} {results.ci_text(lead)}".strip()
+        row["wins"] = results.text(f"round_trip_wins_over_{p.name}")
+        row["n"] = results.n_text(lead_key(p.name, "cos"))
+        rows.append(row)
+    return rows
+
+
+def family_rows(metrics: dict[str, dict]) -> list[dict]:
+    """One row per source family of the evaluated rows: n, the round trip and its paired
+    lead over the text-free baselines, each with its 95% interval (blank below 2 rows)."""
+    families = lookup(metrics["eval"], "per_family", str(SOURCES["eval"]))
+
+    def with_ci(d: dict) -> str:
+        return f"{num(d['mean'])} {interval(d['ci95'])}".strip()
+
+    return [
+        {
+            "family": family,
+            "n": num(f["n"]),
+            "cos": with_ci(f["cos"]),
+            "fve_cen": with_ci(f["fve_cen"]),
+            "lead_mean_direction_cos": with_ci(f["round_trip_minus"]["mean_direction"]["cos"]),
+            "lead_centroid_fve_cen": with_ci(f["round_trip_minus"]["centroid"]["fve_cen"]),
+        }
+        for family, f in families.items()
+    ]

@@ -78,7 +78,8 @@ def reference_rows(results: Results) -> list[dict]:
             results.row(key)
             | {
                 "value": results.text(key) + results.spread_text(key),
-                "reference": m.reference.value,
+                "reference": m.reference.value
+                + (f" ({m.reference.caveat})" if m.reference.caveat else ""),
                 "reference_model": m.reference.model,
             }
         )

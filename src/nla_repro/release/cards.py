@@ -27,7 +27,9 @@ from nla_repro.evaluation.registry import (
     SOURCES,
     Results,
     bar_rows,
+    family_rows,
     num,
+    predictor_rows,
 )
 from nla_repro.io import atomic_path
 
@@ -35,7 +37,10 @@ KINDS = ("av", "ar", "sae")
 MODEL_DIRS = {"av": C.AV_DIR, "ar": C.AR_DIR, "sae": C.SAE_DIR}
 # Plots each card shows (copied next to its README.md under plots/).
 CARD_PLOTS = {
-    "av": [C.EVAL_PLOTS / f"{n}.png" for n in ("round_trip", "k_curve", "identity", "cos_hist")],
+    "av": [
+        C.EVAL_PLOTS / f"{n}.png"
+        for n in ("baselines", "round_trip", "k_curve", "identity", "cos_hist")
+    ],
     "ar": [C.EVAL_PLOTS / f"{n}.png" for n in ("ablation", "identity", "round_trip")],
     "sae": [C.SAE_PLOTS / f"{n}.png" for n in ("density", "train_curve")],
 }
@@ -156,6 +161,17 @@ def warnings_for(kind: str, ev: dict) -> list[str]:
             "**This AV ignores the vector**: its loss with shuffled vectors is no worse than "
             f"with the true ones ({evidence.get('av_ignores_vector', '')})."
         )
+    if kind == "av":
+        for verdict, what in (
+            ("beats_mean_direction", "a constant (the train pool's mean vector)"),
+            ("beats_text_free_centroid", "a text-free predictor (the nearest family centroid)"),
+        ):
+            if verdicts.get(verdict) is False:
+                found.append(
+                    f"**The round trip does not beat {what}** on the same rows "
+                    f"({evidence.get(verdict, '')}). Until it does, the explanations are not "
+                    "shown to carry more of the activation than no explanation at all."
+                )
     if kind == "av" and verdicts.get("template_collapse"):
         found.append(
             "**Template collapse**: most explanations are the same text "
@@ -300,6 +316,10 @@ def card_context(kind: str, inputs: CardInputs, repo_id: str, version: str | Non
         "verdicts": verdict_rows(ev),
         "verdict": ev.get("verdicts", {}),
         "targets": bar_rows(inputs.metrics),
+        "predictors": predictor_rows(inputs.metrics),
+        "families": family_rows(inputs.metrics),
+        "sample": ev["sample"],
+        "baselines": ev["baselines"],
         "judge": ev["judge"],
         "plots": [p.name for p in CARD_PLOTS[kind]],
         "label": inputs.metrics["label"],

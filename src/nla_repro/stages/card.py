@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from nla_repro import config as C
-from nla_repro.evaluation.registry import Results, bar_rows
+from nla_repro.evaluation.registry import Results, bar_rows, predictor_rows
 from nla_repro.io import write_text
 from nla_repro.pipeline import stage_view
 from nla_repro.platform import format_table
@@ -39,8 +39,9 @@ def run(params: C.Params) -> None:
 
 
 def summary(inputs: cards.CardInputs, names: dict[str, str]) -> str:
-    """The closing table of a `dvc repro`: every card's model-index numbers, then the quality
-    bars of the NLA with the measured value and whether each is met."""
+    """The closing table of a `dvc repro`: every card's model-index numbers, the round trip's
+    paired lead over every baseline, control, anchor and oracle, then the quality bars of
+    the NLA with the measured value and whether each is met."""
     results = Results(inputs.metrics)
     rows = [("card", "metric", "value")]
     for kind in cards.KINDS:
@@ -48,9 +49,20 @@ def summary(inputs: cards.CardInputs, names: dict[str, str]) -> str:
         for key in results.keys(f"index:{kind}"):
             rows.append((card, results.name(key), results.text(key)))
             card = ""
+    leads = [("round trip minus", "kind", "raw cos [95% CI]", "fve_cen [95% CI]", "wins")] + [
+        (r["name"], r["kind"], r["lead_cos"], r["lead_fve_cen"], r["wins"])
+        for r in predictor_rows(inputs.metrics)
+    ]
     bars = [("quality bar", "value", "95% CI", "bar", "met")] + [
         (r["name"], r["value"], r["ci"], r["target"], r["met"]) for r in bar_rows(inputs.metrics)
     ]
     return "\n\n".join(
-        ["Headline numbers", format_table(rows), "NLA quality bars", format_table(bars)]
+        [
+            "Headline numbers",
+            format_table(rows),
+            "Baselines (paired over the same rows; an oracle selects with the target)",
+            format_table(leads),
+            "NLA quality bars",
+            format_table(bars),
+        ]
     )

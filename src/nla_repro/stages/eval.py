@@ -1,12 +1,14 @@
 """eval stage: the NLA metric suite on held-out rows -> data/eval/rows.parquet,
 metrics/eval.json, plots/eval/.
 
-The evaluated rows are the labeled rows of `eval.split`; each chunk of `eval.chunk_rows` rows
+The evaluated rows are the labeled rows of `eval.split` (all of them, or a seeded random
+sample stratified by source family), in a seeded random order; each chunk of `eval.chunk_rows` rows
 goes through every model call (`evaluation.chunk`) and is kept under .nla_work/eval/, so an
 interrupted run resumes. The chunks are fingerprinted with everything the rows depend on
 (the models' files, the inputs, the stage's code and its declared params), so a change that
 reruns the stage also discards its saved chunks. Every number in metrics/eval.json is
-computed from rows.parquet as written (`evaluation.suite.compute_metrics`).
+computed from rows.parquet as written (`evaluation.suite.compute_metrics`), the text-free
+baselines included (`evaluation.baselines`: their predictions are columns of that file).
 
 `python -m nla_repro eval --av DIR --ar DIR --out DIR` evaluates any AV/AR pair, e.g. a
 downloaded release, on the base model and data of this pipeline.
@@ -14,7 +16,6 @@ downloaded release, on the base model and data of this pipeline.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from tqdm import tqdm
 
 from nla_repro import config as C
 from nla_repro.errors import ConfigError
+from nla_repro.evaluation.baselines import baseline_columns
 from nla_repro.evaluation.chunk import evaluate_chunk
-from nla_repro.evaluation.measures import nearest_in_pool
+from nla_repro.evaluation.measures import normalized, stratified_sample
 from nla_repro.evaluation.report import eval_report, print_rows
 from nla_repro.evaluation.suite import compute_metrics
 from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
@@ -46,6 +48,7 @@ from nla_repro.schemas import (
     read_parquet,
     validate,
 )
+from nla_repro.seeds import derive_seed
 from nla_repro.templates import load_template
 
 JUDGE_PROMPTS = ("judge.v1", "judge_pair.v1", "paraphrase.v1")
@@ -58,36 +61,67 @@ class Outputs:
     plots: Path
 
 
-def _last_position(acts: pd.DataFrame, split: str) -> np.ndarray:
+def _last_position(acts: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The doc_ids and vectors (float64) of one split's last-position activations."""
     rows = acts[(acts["split"] == split) & (acts["position"] == acts["n_tokens"] - 1)]
-    return np.stack(rows["vector"].to_list()).astype(np.float64) if len(rows) else np.zeros((0,))
+    vectors = np.stack(rows["vector"].to_list()).astype(np.float64) if len(rows) else None
+    return rows["doc_id"].to_numpy(), vectors
 
 
-def eval_inputs(cfg: C.EvalConfig, d_model: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """The evaluated rows (doc_id, source_family, text, label, target), the held-out pool
-    mean mu, and the train pool (for the nearest-neighbour anchor)."""
+@dataclass(frozen=True)
+class EvalInputs:
+    rows: pd.DataFrame
+    """The evaluated rows (doc_id, source_family, text, label, target), in evaluation order."""
+    mu: np.ndarray
+    """Mean of the held-out pool (`eval.pool_split`): the centre of every centred score."""
+    pool: np.ndarray
+    """The held-out pool's vectors (the random floor)."""
+    train: np.ndarray
+    """The train pool's vectors (the text-free predictors, the nearest-train oracle)."""
+    train_families: np.ndarray
+    """Source family of each train vector."""
+    split_rows: int
+    """Labeled rows of the split, of which `rows` is a sample (or all)."""
+
+
+def eval_inputs(cfg: C.EvalConfig, d_model: int) -> EvalInputs:
+    """The evaluated rows: a seeded random sample of the split's labeled rows stratified by
+    source family (all of them when eval.rows is 0), in a seeded random order; and the pools
+    the anchors and baselines are computed from."""
     labels = read_parquet(C.LABELS_PATH, LABELS)
     acts = read_parquet(C.ACTIVATIONS_PATH, activations_schema(d_model))
     pairs = training_pairs(labels, acts, d_model, f"{C.LABELS_PATH} x {C.ACTIVATIONS_PATH}")
-    rows = pairs[pairs["split"] == cfg.split].merge(
+    split = pairs[pairs["split"] == cfg.split].merge(
         labels[["doc_id", "source_family", "text"]], on="doc_id", how="left"
     )
-    if cfg.rows:
-        rows = rows.head(cfg.rows)
+    split = split.sort_values("doc_id", kind="stable").reset_index(drop=True)
+    order = stratified_sample(
+        split["source_family"].to_numpy(), cfg.rows, derive_seed(cfg.seed, 1, stream="sample")
+    )
+    rows = split.iloc[order].reset_index(drop=True)
     if len(rows) < 2:
         raise ConfigError(
             f"eval: {len(rows)} labeled {cfg.split} row(s) in {C.LABELS_PATH}; the metrics need "
             "at least 2 (label more rows or raise eval.rows)"
         )
-    pool = _last_position(acts, cfg.pool_split)
-    train = _last_position(acts, "train")
-    if len(pool) == 0 or len(train) == 0:
+    _, pool = _last_position(acts, cfg.pool_split)
+    train_ids, train = _last_position(acts, "train")
+    if pool is None or train is None:
         raise ConfigError(
             f"eval: no {cfg.pool_split} (pool_split) or train activations at the last "
             f"position in {C.ACTIVATIONS_PATH}"
         )
+    family = labels.set_index("doc_id")["source_family"]
+    train_families = family.reindex(train_ids).fillna("unlabeled").to_numpy()
     rows = rows.rename(columns={"explanation": "label", "vector": "target"})
-    return rows[["doc_id", "source_family", "text", "label", "target"]], pool.mean(0), train
+    return EvalInputs(
+        rows[["doc_id", "source_family", "text", "label", "target"]],
+        pool.mean(0),
+        pool,
+        train,
+        train_families,
+        len(split),
+    )
 
 
 def load_pair(params: StageParams, av_dir: Path, ar_dir: Path):
@@ -140,15 +174,20 @@ def run(
     )
     base_meta = read_base_meta(C.BASE_DIR)
     d_model = int(base_meta["d_model"])
-    rows, mu, train_pool = eval_inputs(cfg, d_model)
-    pool_stats = json.loads(C.POOL_STATS_PATH.read_text())
+    inputs = eval_inputs(cfg, d_model)
+    rows, mu = inputs.rows, inputs.mu
     av, ar = load_pair(params, av_dir, ar_dir)
     judge_b, paraphraser = judge_backends(cfg, params.base, C.BASE_DIR)
 
     meta = {
         "mu": mu.tolist(),
         "mu_pool": cfg.pool_split,
-        "rawvar": float(pool_stats["rawvar"]),
+        # fve_nrm's centre: the mean of norm(v) over the train pool.
+        "train_mean_nrm": normalized(inputs.train).mean(axis=0).tolist(),
+        "split_rows": inputs.split_rows,
+        "sample": "all rows"
+        if len(rows) == inputs.split_rows
+        else "a random sample (stratified by source family)",
         "seed": cfg.seed,
         "n_boot": cfg.n_boot,
         "judge_backend": cfg.judge_backend,
@@ -159,10 +198,15 @@ def run(
             "base": base_meta["source"]["name"],
         },
         "prompts_sha256": {v: load_template(v).sha256 for v in JUDGE_PROMPTS},
-        "inputs_sha256": {
-            str(p): sha256_file(p) for p in (C.LABELS_PATH, C.ACTIVATIONS_PATH, C.POOL_STATS_PATH)
-        },
+        "inputs_sha256": {str(p): sha256_file(p) for p in (C.LABELS_PATH, C.ACTIVATIONS_PATH)},
     }
+    baseline_cols, meta["baselines"] = baseline_columns(
+        np.stack(rows["target"].to_list()).astype(np.float64),
+        inputs.train,
+        inputs.train_families,
+        inputs.pool,
+        mu,
+    )
     # Chunks made from other models, inputs, code or params are discarded, never resumed.
     key = fingerprint(meta, code_sha256("eval"), params.declared_values())
     store = ChunkStore(work_root / "eval", key)
@@ -195,8 +239,8 @@ def run(
     bar.close()
 
     table = eval_rows_from_arrow(store.read(range(len(chunks))))
-    nn_cos, nn_cen = nearest_in_pool(np.stack(table["target"].to_list()), train_pool, mu)
-    table["nn_cos"], table["nn_fve_cen"] = nn_cos, nn_cen
+    for column, values in baseline_cols.items():
+        table[column] = values
     table = validate(table, eval_rows_schema(d_model), outputs.rows)
     write_parquet(eval_rows_to_arrow(table, meta), outputs.rows)
 
