@@ -175,6 +175,14 @@ def test_site_in_chromium(server, tmp_path):
                 expect(page.locator("article h2").first).to_contain_text(calibration_title[:40])
             assert page.locator("article table").count() >= 3
             shot("05-calibration")
+            # Its baselines table: the constant the round trip is read against, on screen.
+            page.locator(
+                "article :is(h2, h3)", has_text="Baselines"
+            ).first.scroll_into_view_if_needed()
+            constant = page.locator("article tr", has_text="Mean direction (a constant)").first
+            expect(constant).to_be_visible()
+            expect(constant).to_contain_text("baseline")
+            shot("05b-calibration-baselines")
 
             # Search (lunr in a web worker, served by the site itself: works offline).
             search = page.locator("input.md-search__input")
@@ -195,7 +203,7 @@ def test_site_in_chromium(server, tmp_path):
             context.close()
 
     names = sorted(p.name for p in shots.glob("*.png"))
-    assert len(names) == 7 and all((shots / n).stat().st_size > 5_000 for n in names)
+    assert len(names) == 8 and all((shots / n).stat().st_size > 5_000 for n in names)
     if os.environ.get("NLA_DOCS_SCREENSHOTS"):
         keep = ROOT / ".nla_work" / "docs_screenshots"
         keep.mkdir(parents=True, exist_ok=True)

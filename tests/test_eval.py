@@ -334,6 +334,7 @@ def test_an_ar_that_outputs_the_mean_direction_is_flagged_as_not_beating_it():
     lead = m["predictors"]["mean_direction"]["round_trip_minus"]
     assert lead["cos"]["mean"] == pytest.approx(0.0, abs=1e-6)
     assert m["verdicts"]["beats_mean_direction"] is False
+    assert m["round_trip"]["cos_to_mean_direction"]["reconstruction"] == pytest.approx(1.0)
     bars = {b["key"]: b["met"] for b in R.bar_rows({"eval": m})}
     assert bars["round_trip_minus_mean_direction_cos"] == "NO"
     assert bars["round_trip_minus_mean_direction_fve_cen"] == "NO"

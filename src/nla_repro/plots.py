@@ -71,7 +71,10 @@ def eval_plots(rows: pd.DataFrame, metrics: dict, mu: np.ndarray, out_dir: Path 
     for kind, colour in colours.items():
         axes[1].scatter([], [], c=colour, label=kind)
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Round trip vs what reads no explanation (n = {n}, paired 95% CIs)")
+    fig.suptitle(
+        f"Round trip minus each predictor on the same rows (n = {n}, paired 95% CIs): "
+        "left of 0, the predictor scores higher"
+    )
     _save(fig, out / "baselines.png")
 
     # Per-row round trip, sorted, against the random floor.

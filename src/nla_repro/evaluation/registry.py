@@ -367,6 +367,23 @@ METRICS: tuple[Metric, ...] = (
         "over the evaluated targets",
         shown=("report", "card:av"),
     ),
+    Metric(
+        "round_trip_cos_to_mean_direction",
+        "Reconstructions' cosine with the train mean direction",
+        "eval",
+        "round_trip.cos_to_mean_direction.reconstruction",
+        n="n",
+        baseline="the targets' {target_cos_to_mean_direction}",
+        definition="mean cos(h, m): above the targets' own, the AR leans to the constant",
+        shown=("card:av",),
+    ),
+    Metric(
+        "target_cos_to_mean_direction",
+        "targets' cosine with the train mean direction",
+        "eval",
+        "round_trip.cos_to_mean_direction.target",
+        n="n",
+    ),
     *(m for p in PREDICTORS for m in _predictor_metrics(p)),
     # --- eval: identity, the AV, diversity, claims ------------------------------------------
     Metric(
