@@ -204,7 +204,7 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     released = json.loads((out / "eval.json").read_text())
     pipeline = json.loads((repo / C.EVAL_METRICS).read_text())
     assert released["models"]["av"]["path"] == str(dist / "av")
-    for key in ("round_trip", "vector_use", "ablation", "diversity"):
+    for key in ("round_trip", "vector_use", "predictors", "per_family", "diversity"):
         assert released[key] == pipeline[key], key
     assert run(["git", "status", "--porcelain"], repo) == ""
 
