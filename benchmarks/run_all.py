@@ -37,7 +37,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results.json"
 STAGE_TIMES = Path(".nla_work/stage_times.jsonl")
-PIPELINE_STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "sae", "eval", "card")
+PIPELINE_STAGES = (
+    "base",
+    "corpus",
+    "label",
+    "extract",
+    "sft_av",
+    "sft_ar",
+    "rl",
+    "sae",
+    "eval",
+    "card",
+)
 
 # Small settings per benchmark for --quick: seconds to a few minutes on 2 cores. The SAE's
 # timed blocks need more steps than one block, or there is nothing to time.
@@ -48,12 +59,15 @@ QUICK_ARGS = {
     ],
     "sae": ["--tokens", "8192", "--block", "2"],
     "sft": ["--steps", "1", "--warmup", "1", "--rows", "16"],
+    "rl": ["--steps", "1", "--warmup", "0"],
 }
 STDERR_TAIL = 3000
 # Scripts here that are not throughput benchmarks, with why run_all leaves them out.
 SKIPPED = {
     "levers": "a lever sweep (seven short training runs) that rewrites benchmarks/levers.json, "
     "a dep of the card stage; run it on its own",
+    "rl_levers": "an RL lever sweep (short GRPO runs, each scored on the test rows) that "
+    "rewrites benchmarks/rl_levers.json, a dep of the card stage; run it on its own",
 }
 
 
@@ -313,6 +327,17 @@ def _headline_rows(name: str, record: dict) -> list[tuple[str, str, str]]:
                 f"{_num(ours.get('explained_variance'), 3)} vs "
                 f"{_num(theirs.get('explained_variance'), 3)}",
             ),
+        ]
+    if name == "rl":
+        return [
+            ("rl", "rollout tokens/s (sampled)", _num(r.get("rollout_tokens_per_s"), 1)),
+            ("rl", "train tokens/s (policy, reference, AR)", _num(r.get("train_tokens_per_s"), 1)),
+            (
+                "rl",
+                f"seconds per step ({r.get('rollouts_per_step')} rollouts)",
+                _num(r.get("seconds_per_step"), 2),
+            ),
+            ("rl", "peak RSS", _num(r.get("peak_rss_mb"), 0, "MB")),
         ]
     if name == "sft":
         rows = []

@@ -63,17 +63,20 @@ def tiny_llama(n_layers: int = 4, seed: int = 0, width: int = 32) -> transformer
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def tiny_gemma4_text_config(n_layers: int = 4) -> transformers.Gemma4TextConfig:
+def tiny_gemma4_text_config(n_layers: int = 4, width: int = 32) -> transformers.Gemma4TextConfig:
+    """width 64 gives every linear an input that is a whole number of 64-wide NF4 blocks and
+    an output a multiple of 32 (bitsandbytes' CPU kernel needs both): head sizes and the
+    per-layer input scale with it."""
     return transformers.Gemma4TextConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=n_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
-        global_head_dim=16,
-        hidden_size_per_layer_input=8,  # E-model per-layer embeddings on
+        head_dim=width // 2,
+        global_head_dim=width // 2,
+        hidden_size_per_layer_input=8 if width == 32 else width,  # E-model per-layer embeddings
         vocab_size_per_layer_input=VOCAB,
         layer_types=["sliding_attention", "full_attention"] * (n_layers // 2),
         sliding_window=8,
@@ -84,9 +87,11 @@ def tiny_gemma4_text_config(n_layers: int = 4) -> transformers.Gemma4TextConfig:
     )
 
 
-def tiny_gemma4_causal(n_layers: int = 4, seed: int = 0) -> transformers.Gemma4ForCausalLM:
+def tiny_gemma4_causal(
+    n_layers: int = 4, seed: int = 0, width: int = 32
+) -> transformers.Gemma4ForCausalLM:
     torch.manual_seed(seed)
-    return transformers.Gemma4ForCausalLM(tiny_gemma4_text_config(n_layers)).eval()
+    return transformers.Gemma4ForCausalLM(tiny_gemma4_text_config(n_layers, width)).eval()
 
 
 def tiny_gemma4_conditional(

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_rl import RL_SMALL
 from test_sft import build_inputs, run_stage, sft_params
 
 from nla_repro import config as C
@@ -22,6 +23,7 @@ from nla_repro.errors import ConfigError, DataValidationError
 from nla_repro.evaluation import baselines as B
 from nla_repro.evaluation import measures as E
 from nla_repro.evaluation import registry as R
+from nla_repro.evaluation.chunk import Models
 from nla_repro.evaluation.suite import compute_metrics
 from nla_repro.labeling import judge as J
 from nla_repro.nla import shuffled
@@ -259,6 +261,13 @@ def constructed_rows(n: int = 24, seed: int = 0) -> pd.DataFrame:
     )
 
 
+def one_pair_chunk(rows, shuffled_BD, unrelated, av, ar, mu, cfg) -> pd.DataFrame:
+    """evaluate_chunk on one pair, no judge or paraphraser, chunk 0."""
+    models = Models({"av": av}, {"ar": ar})
+    pairs = {S.PUBLISHED: ("av", "ar")}
+    return S.evaluate_chunk(rows, shuffled_BD, unrelated, models, pairs, mu, cfg, 0, 0)[S.PUBLISHED]
+
+
 def evaluate_constructed(ar_kind: str, reads: bool = True) -> dict:
     rows = constructed_rows()
     av = FakeAV(reads)
@@ -274,9 +283,7 @@ def evaluate_constructed(ar_kind: str, reads: bool = True) -> dict:
         C.Params(), eval=C.EvalConfig(samples=3, paraphrases=0, judge_backend="none", n_boot=300)
     )
     vectors = torch.from_numpy(targets)
-    part = S.evaluate_chunk(
-        rows, shuffled(vectors), rows["text"].tolist(), (av, ar, None, None), mu, params.eval, 0, 0
-    )
+    part = one_pair_chunk(rows, shuffled(vectors), rows["text"].tolist(), av, ar, mu, params.eval)
     return score_constructed(part, targets, mu)
 
 
@@ -320,15 +327,14 @@ def test_an_ar_that_outputs_the_mean_direction_is_flagged_as_not_beating_it():
     ar = TableAR({}, constant=train.mean(0).astype(np.float32))
     params = replace(C.Params(), eval=C.EvalConfig(samples=2, paraphrases=0, judge_backend="none"))
     vectors = torch.from_numpy(targets)
-    part = S.evaluate_chunk(
+    part = one_pair_chunk(
         rows,
         shuffled(vectors),
         rows["text"].tolist(),
-        (FakeAV(), ar, None, None),
+        FakeAV(),
+        ar,
         mu,
         params.eval,
-        0,
-        0,
     )
     m = score_constructed(part, targets, mu)
     lead = m["predictors"]["mean_direction"]["round_trip_minus"]
@@ -369,15 +375,14 @@ def test_rows_schema_names_the_row_of_unequal_list_columns():
     ar = TableAR({}, constant=np.ones(D))
     params = replace(C.Params(), eval=C.EvalConfig(samples=2, paraphrases=0, judge_backend="none"))
     vectors = torch.from_numpy(np.stack(rows["target"].to_list()))
-    part = S.evaluate_chunk(
+    part = one_pair_chunk(
         rows,
         vectors,
         rows["text"].tolist(),
-        (FakeAV(), ar, None, None),
+        FakeAV(),
+        ar,
         np.zeros(D),
         params.eval,
-        0,
-        0,
     )
     cols, _ = B.baseline_columns(
         np.stack(rows["target"].to_list()), np.ones((3, D)), ["a"] * 3, np.ones((3, D)), np.zeros(D)
@@ -482,7 +487,7 @@ def eval_params(**kw) -> C.Params:
         chunk_rows=2,
         n_boot=200,
     )
-    return replace(base, eval=C.EvalConfig(**(cfg | kw)))
+    return replace(base, rl=RL_SMALL, eval=C.EvalConfig(**(cfg | kw)))
 
 
 @pytest.fixture(scope="module")
@@ -494,7 +499,7 @@ def trained(tmp_path_factory) -> Path:
 
     os.chdir(root)
     try:
-        for stage in ("sft_av", "sft_ar"):
+        for stage in ("sft_av", "sft_ar", "rl"):
             assert run_stage(stage, eval_params()) == 0
     finally:
         os.chdir(cwd)
@@ -513,8 +518,36 @@ def test_eval_stage_writes_rows_metrics_and_plots_that_agree(repo):
     assert run_stage("eval", eval_params()) == 0
     rows, meta = read_eval_rows(C.EVAL_ROWS, 32)
     metrics = json.loads(C.EVAL_METRICS.read_text())
-    # Every published number recomputes exactly from the per-row table.
-    assert compute_metrics(rows, meta) == metrics
+    # Every published number recomputes exactly from the per-row tables: the published
+    # pair's, the SFT pair's and the held-out AR's, all on the same rows in the same order.
+    paths = {
+        S.PUBLISHED: C.EVAL_ROWS,
+        S.SFT_PAIR: C.EVAL_DIR / "sft_rows.parquet",
+        S.HELDOUT_AR: C.EVAL_DIR / "rl_heldout_ar_rows.parquet",
+    }
+    written = {name: read_eval_rows(path, 32) for name, path in paths.items()}
+    assert S.eval_metrics(written) == metrics
+    published = compute_metrics(rows, meta)
+    assert {k: v for k, v in metrics.items() if k != "comparison"} == published | {
+        "verdicts": published["verdicts"] | {"ar_collusion": metrics["verdicts"]["ar_collusion"]},
+        "verdict_evidence": metrics["verdict_evidence"],
+    }
+    sft_rows, sft_meta = written[S.SFT_PAIR]
+    held_rows, _ = written[S.HELDOUT_AR]
+    assert metrics["comparison"]["pairs"]["sft"] == compute_metrics(sft_rows, sft_meta)
+    assert sft_rows["doc_id"].tolist() == rows["doc_id"].tolist()
+    # The held-out AR reads the RL AV's very outputs; the SFT pair has its own AV's.
+    assert held_rows["explanation"].tolist() == rows["explanation"].tolist()
+    assert meta["models"]["av"]["path"] == str(C.RL_AV_DIR)
+    assert sft_meta["models"]["av"]["path"] == str(C.AV_DIR)
+    assert written[S.HELDOUT_AR][1]["models"]["ar"]["path"] == str(C.AR_DIR)
+    diff = metrics["comparison"]["rl_minus_sft"]["round_trip_cos"]
+    assert diff["a"] == pytest.approx(metrics["round_trip"]["cos"]["mean"])
+    assert diff["b"] == pytest.approx(
+        metrics["comparison"]["pairs"]["sft"]["round_trip"]["cos"]["mean"]
+    )
+    assert diff["difference"]["mean"] == pytest.approx(diff["a"] - diff["b"])
+    assert (C.EVAL_PLOTS / "rl_vs_sft.png").stat().st_size > 1000
     assert metrics["n"] == len(rows) >= 2
     assert metrics["judge"]["model"] == "tiny" and metrics["judge"]["n"] == len(rows)
     assert len(rows["samples"].iloc[0]) == 3
@@ -534,13 +567,13 @@ def test_eval_stage_writes_rows_metrics_and_plots_that_agree(repo):
     assert sorted(rows["doc_id"]) == sorted(split_ids) and meta["split_rows"] == len(rows)
     assert metrics["sample"]["rule"] == "all rows"
     assert set(metrics["predictors"]) >= {"mean_direction", "centroid", "nearest_train", "replay"}
-    # From rows.parquet alone: with every other input gone, the same numbers.
-    alone = repo.parent / "alone.parquet"
-    shutil.copyfile(C.EVAL_ROWS, alone)
+    # From the rows files alone: with every other input gone, the same numbers.
+    alone = {name: repo.parent / f"alone_{name}.parquet" for name in paths}
+    for name, path in paths.items():
+        shutil.copyfile(path, alone[name])
     shutil.rmtree(repo / "data")
     shutil.rmtree(repo / "models")
-    rows_alone, meta_alone = read_eval_rows(alone, 32)
-    assert compute_metrics(rows_alone, meta_alone) == metrics
+    assert S.eval_metrics({n: read_eval_rows(p, 32) for n, p in alone.items()}) == metrics
 
 
 def test_a_sample_of_the_split_is_seeded_and_drawn_from_it(repo):

@@ -27,6 +27,7 @@ from nla_repro.release.cards import KINDS
 from nla_repro.sae import load_sae
 from nla_repro.schemas import CORPUS, LABELS, activations_schema, read_parquet
 from nla_repro.schemas import read_eval_rows as read_rows
+from nla_repro.stages.eval import eval_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_FILES = [
@@ -83,7 +84,8 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     first = run(["dvc", "repro"], repo)
     ran = stages_run(first)
     assert ran[:2] == ["base", "corpus"] and sorted(ran) == sorted(STAGES)
-    assert ran.index("eval") > max(ran.index("sft_av"), ran.index("sft_ar"))
+    assert ran.index("rl") > max(ran.index("sft_av"), ran.index("sft_ar"))
+    assert ran.index("eval") > ran.index("rl")
     corpus = read_parquet(repo / C.CORPUS_PATH, CORPUS)
     acts = read_parquet(repo / C.ACTIVATIONS_PATH, activations_schema(576))
     assert len(acts) == len(corpus) >= 20  # one last-token vector per document
@@ -120,7 +122,17 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     # Eval: every number recomputes from the rows table; the verdicts are there; plots too.
     rows, meta = read_rows(repo / C.EVAL_ROWS, 576)
     metrics = json.loads((repo / C.EVAL_METRICS).read_text())
-    assert compute_metrics(rows, meta) == metrics and metrics["n"] == len(rows) >= 2
+    written = {
+        name: read_rows(repo / C.EVAL_DIR / f"{name}_rows.parquet", 576)
+        for name in ("sft", "rl_heldout_ar")
+    } | {"published": (rows, meta)}
+    assert eval_metrics(written) == metrics and metrics["n"] == len(rows) >= 2
+    assert compute_metrics(rows, meta)["round_trip"] == metrics["round_trip"]
+    assert set(metrics["comparison"]["pairs"]) == {"sft", "rl_heldout_ar"}
+    assert isinstance(metrics["verdicts"]["ar_collusion"], bool)
+    rl = json.loads((repo / C.RL_METRICS).read_text())
+    assert rl["released_step"] == 2 and rl["rollouts"] == 2 * 2 * 2
+    assert plots["models/rl/train_curve.csv"] and plots["plots/eval/rl_vs_sft.csv"]
     assert set(metrics["verdicts"]) >= {"content_blind", "av_ignores_vector", "template_collapse"}
     assert metrics["judge"]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     for name in CSV_NAMES:
@@ -136,6 +148,9 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     # Cards: the last stage; their model-index is the metrics just measured.
     assert ran[-1] == "card"
     av_card = ModelCard.load(repo / C.CARDS_DIR / "av/README.md")
+    # The published pair is the RL pair, shown beside the SFT pair and under the held-out AR.
+    assert "### SFT → RL" in av_card.text and "under the held-out SFT AR" in av_card.text
+    assert "## SFT → RL" in (repo / C.CALIBRATION_PATH).read_text()
     published = {r.metric_type: r.metric_value for r in av_card.data.eval_results}
     assert published["vector_use_gap"] == metrics["vector_use"]["gap"]
     sae_card = ModelCard.load(repo / C.CARDS_DIR / "sae/README.md")
@@ -150,7 +165,15 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = pd.read_parquet(repo / C.CORPUS_PATH)
     third = run(["dvc", "repro"], repo)
-    assert sorted(stages_run(third)) == ["card", "eval", "extract", "sae", "sft_ar", "sft_av"]
+    assert sorted(stages_run(third)) == [
+        "card",
+        "eval",
+        "extract",
+        "rl",
+        "sae",
+        "sft_ar",
+        "sft_av",
+    ]
     sae_cfg = json.loads((repo / C.SAE_DIR / "cfg.json").read_text())
     assert sae_cfg["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
     assert yaml.safe_load((repo / C.ACTIVATIONS_META).read_text())["layer"] == 12
@@ -192,7 +215,7 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     assert peft_av.peft_config["default"].r == 4
     ar = load_ar(dist / "ar", repo / C.BASE_DIR)
     assert ar.predict(["<explanation>a test</explanation>"]).shape == (1, 576)
-    head = load_file(repo / C.AR_DIR / "head.safetensors")
+    head = load_file(repo / C.RL_AR_DIR / "head.safetensors")  # the published pair: after RL
     assert all(torch.equal(ar.head.state_dict()[k], v) for k, v in head.items())
     sae_model, sae_cfg = load_sae(dist / "sae")
     assert sae_cfg["metadata"]["hook_name"] == "blocks.12.hook_resid_post"

@@ -64,6 +64,7 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
         C.LABEL_CHUNKS_DIR,
         C.AV_DIR,
         C.AR_DIR,
+        C.RL_DIR,
         C.EVAL_DIR,
         C.EVAL_PLOTS,
         C.SAE_DIR,
@@ -75,7 +76,13 @@ def test_dvc_stages_call_the_cli_and_name_the_configured_paths():
     assert C.EVAL_ROWS.parent == C.EVAL_DIR
     metrics = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
     sft = (str(p) for p in C.SFT_METRICS.values())
-    assert metrics == {str(C.LABEL_METRICS_PATH), *sft, str(C.EVAL_METRICS), str(C.SAE_METRICS)}
+    assert metrics == {
+        str(C.LABEL_METRICS_PATH),
+        *sft,
+        str(C.RL_METRICS),
+        str(C.EVAL_METRICS),
+        str(C.SAE_METRICS),
+    }
 
 
 def test_dvc_plots_name_the_curves_the_trainer_and_eval_write():
@@ -84,7 +91,13 @@ def test_dvc_plots_name_the_curves_the_trainer_and_eval_write():
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     files = {next(iter(p)) for p in plots}
     assert files == {
-        *(f"{d}/{c}.csv" for d in (C.AV_DIR, C.AR_DIR) for c in ("train_curve", "val_curve")),
+        *(
+            f"{d}/{c}.csv"
+            for d in (C.AV_DIR, C.AR_DIR, C.RL_DIR)
+            for c in ("train_curve", "val_curve")
+        ),
+        f"{C.EVAL_PLOTS}/rl_vs_sft.csv",
+        f"{C.EVAL_PLOTS}/rl_vs_sft.png",
         *(f"{C.EVAL_PLOTS}/{name}.csv" for name in CSV_NAMES),
         *(f"{C.EVAL_PLOTS}/{name}.png" for name in PNG_NAMES),
         f"{C.SAE_DIR}/train_curve.csv",

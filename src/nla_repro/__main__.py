@@ -18,7 +18,7 @@ from nla_repro import config as C
 from nla_repro.errors import NlaError
 from nla_repro.schemas import read_parquet, schema_for
 
-STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "sae", "eval", "card")
+STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "rl", "sae", "eval", "card")
 
 
 def record_stage_time(stage: str, profile: str, started: float, timing: dict | None) -> None:

@@ -44,6 +44,10 @@ LABEL_METRICS_PATH = Path("metrics/label.json")
 # NLA training outputs: persisted DVC outputs, so checkpoints survive a relaunch.
 AV_DIR = Path("models/av")
 AR_DIR = Path("models/ar")
+RL_DIR = Path("models/rl")
+RL_AV_DIR = RL_DIR / "av"
+RL_AR_DIR = RL_DIR / "ar"
+RL_METRICS = Path("metrics/rl.json")
 SFT_METRICS = {"av": Path("metrics/sft_av.json"), "ar": Path("metrics/sft_ar.json")}
 # Eval outputs: the per-row table every eval number is computed from, the numbers, the plots.
 EVAL_DIR = Path("data/eval")
@@ -396,11 +400,82 @@ class ARConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class RLConfig:
+    """GRPO on the AV after SFT, with the AR trained on the rollouts at the same time (rl
+    stage). Both start from the SFT folders; LoRA shapes and the base come from `av`/`ar`."""
+
+    group_size: int = 4
+    """Explanations sampled per vector; advantages are relative to the group's rewards."""
+    vectors_per_step: int = 4
+    """Train vectors per optimizer step (rollouts per step = vectors_per_step * group_size)."""
+    max_steps: int = 40
+    """Optimizer steps."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    max_new_tokens: int = 32
+    """Length cap of a rollout; one that hits it without ending is truncated (failed)."""
+    reward: Literal["mse", "log_mse"] = "mse"
+    """mse: -mse_nrm(AR(e), v); log_mse: -log(mse_nrm). A failed rollout (empty, unparseable,
+    truncated) scores what an orthogonal reconstruction scores: -2.0 (mse), -log 2 (log_mse)."""
+    kl_coef: float = 0.01
+    """Weight of the k3 KL estimate to the SFT policy (0: no KL term)."""
+    adv_eps: float = 1e-4
+    """Added to the group std before dividing (a group of equal rewards gives 0 advantage)."""
+    av_lr: float = 5e-5
+    """AV (policy) learning rate, constant after warmup."""
+    ar_lr: float = 1e-4
+    """AR learning rate on its supervised mse_nrm over the step's rollouts."""
+    train_ar: bool = True
+    """Train the AR on the rollouts as the AV learns (false: the SFT AR, frozen, gives the
+    rewards)."""
+    warmup_steps: int = 2
+    """Linear warmup of both learning rates."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm of each model (0: off)."""
+    micro_batch: int = 8
+    """Rollouts per forward/backward pass of the policy and the AR."""
+    save_interval: int = 10
+    """A checkpoint every this many steps (and at max_steps)."""
+    release_step: int = 0
+    """Checkpoint published as models/rl/av and models/rl/ar (0: max_steps)."""
+    eval_interval: int = 10
+    """Validation (greedy round trip on val vectors under the live AR) every this many steps."""
+    val_rows: int = 32
+    """Validation vectors (first rows of the val split; 0: all)."""
+    seed: int = 0
+    """Seed of the vector order and the sampling."""
+
+    def validate(self, where: str) -> None:
+        for name in ("group_size", "vectors_per_step", "max_steps", "temperature"):
+            _positive(self, name, where)
+        for name in ("max_new_tokens", "av_lr", "ar_lr", "micro_batch", "save_interval"):
+            _positive(self, name, where)
+        _positive(self, "eval_interval", where)
+        if self.group_size < 2:
+            raise ConfigError(f"{where}.group_size: must be >= 2 (advantages are group-relative)")
+        if min(self.kl_coef, self.adv_eps, self.warmup_steps, self.max_grad_norm) < 0:
+            raise ConfigError(f"{where}: kl_coef, adv_eps, warmup_steps, max_grad_norm >= 0")
+        if self.val_rows < 0:
+            raise ConfigError(f"{where}.val_rows: must be >= 0")
+        step = self.release_step or self.max_steps
+        if step > self.max_steps or (step % self.save_interval and step != self.max_steps):
+            raise ConfigError(
+                f"{where}.release_step={step}: must be a checkpoint step (a multiple of "
+                f"save_interval={self.save_interval}, or max_steps={self.max_steps})"
+            )
+
+    @property
+    def released_step(self) -> int:
+        return self.release_step or self.max_steps
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     av_path: str | None = None
-    """AV folder to evaluate (a release folder, a checkpoint); null: models/av."""
+    """AV folder to evaluate (a release folder, a checkpoint); null: the rl stage's
+    models/rl/av, with the SFT pair (models/av, models/ar) evaluated beside it."""
     ar_path: str | None = None
-    """AR folder to evaluate; null: models/ar."""
+    """AR folder to evaluate; null: models/rl/ar."""
     split: Literal["val", "test"] = "test"
     """Held-out split whose labeled rows are evaluated."""
     pool_split: Literal["train", "val", "test"] = "val"
@@ -592,6 +667,8 @@ class Params:
     """Activation verbalizer training (sft_av stage)."""
     ar: ARConfig = field(default_factory=ARConfig)
     """Activation reconstructor training (sft_ar stage)."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """GRPO on the AV with a live AR (rl stage)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation of an AV/AR pair (eval stage)."""
     sae: SAEConfig = field(default_factory=SAEConfig)

@@ -217,3 +217,52 @@ def sae_plots(density_S: np.ndarray, history: list[dict], metrics: dict, out_dir
     )
     ax.legend(loc="upper right", fontsize=8)
     _save(fig, out / "train_curve.png")
+
+
+RL_PLOT_KEYS = (
+    "round_trip_fve_cen",
+    "explanation_share_fve_cen",
+    "round_trip_minus_mean_direction_fve_cen",
+    "round_trip_minus_centroid_fve_cen",
+    "identity_argmax_accuracy",
+    "unique_output_rate",
+)
+
+
+def rl_comparison_plot(metrics: dict, out_dir: Path | str) -> None:
+    """rl_vs_sft.png / .csv: RL minus SFT on the same rows under the live and the held-out
+    AR, with paired 95% intervals, for the numbers the quality bars read."""
+    comparison = metrics.get("comparison")
+    if not comparison:
+        return
+    out = Path(out_dir)
+    names, rows = [], []
+    for key in RL_PLOT_KEYS:
+        for ar, block in (
+            ("live AR", "rl_minus_sft"),
+            ("held-out SFT AR", "rl_heldout_ar_minus_sft"),
+        ):
+            d = comparison[block][key]["difference"]
+            lo, hi = d["ci95"] if d["ci95"] else (None, None)
+            rows.append({"number": key, "ar": ar, "rl_minus_sft": d["mean"], "lo": lo, "hi": hi})
+        names.append(key)
+    df = pd.DataFrame(rows)
+    _csv(df, out / "rl_vs_sft.csv")
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(names) + 1.2))
+    y = np.arange(len(names))
+    for offset, (ar, color) in zip(
+        (-0.18, 0.18), (("live AR", "C0"), ("held-out SFT AR", "C1")), strict=True
+    ):
+        part = df[df["ar"] == ar].reset_index(drop=True)
+        mean = part["rl_minus_sft"].to_numpy(float)
+        err = np.stack([mean - part["lo"].to_numpy(float), part["hi"].to_numpy(float) - mean])
+        ax.errorbar(
+            mean, y + offset, xerr=np.nan_to_num(err), fmt="o", color=color, label=ar, capsize=3
+        )
+    ax.axvline(0, color="0.4", lw=1)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("RL minus SFT, same rows (paired 95% CI)")
+    ax.set_title("What RL changed, read by the live AR and by the held-out SFT AR")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, out / "rl_vs_sft.png")

@@ -14,6 +14,7 @@ change every sampled output, so they are fixed; a test pins them):
   (auditor, pairwise judge) of the same rows.
 - stream `sample`: `seed + 15_485_863 * i`, the i-th sample a stage draws from its rows
   (i = 1: the rows eval evaluates and their order).
+- stream `rollout`: `seed + 32_452_843 * step`, the sampling of one RL step's rollouts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ STREAMS: dict[str, tuple[int, ...]] = {
     "paraphrase": (1, 104_729),
     "offset": (1, 1),
     "sample": (1, 15_485_863),
+    "rollout": (1, 32_452_843),
 }
 """Multipliers of (seed, index_0, index_1, ...) per stream."""
 

@@ -11,6 +11,8 @@ is every per-row column of data/eval/rows.parquet (`schemas.eval_rows_schema`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -73,24 +75,28 @@ def gibberish(tokenizer, n_tokens: int, rng: np.random.Generator) -> str:
     return tokenizer.decode([i for i in ids if i not in special][:n_tokens]).strip()
 
 
-def evaluate_chunk(
-    rows: pd.DataFrame,
-    shuffled_BD: torch.Tensor,
-    unrelated: list[str],
-    models: tuple,
-    mu: np.ndarray,
-    cfg: C.EvalConfig,
-    judge_upto: int,
-    chunk_index: int,
-) -> pd.DataFrame:
-    """Every per-row column of rows.parquet except the nearest-neighbour anchor."""
-    av, ar, judge_backend, paraphraser = models
-    n, k, batch = len(rows), cfg.samples, cfg.batch_size
-    targets = np.stack(rows["target"].to_list()).astype(np.float32)
-    vectors = torch.from_numpy(targets)
-    labels = rows["label"].tolist()
-    seed = derive_seed(cfg.seed, chunk_index)
+@dataclass
+class AVOutputs:
+    """What one AV wrote and scored for a chunk's rows (its half of the eval)."""
 
+    greedy: list[str]
+    greedy_lp: list[float]
+    samples: list[str]
+    sample_lp: list[float]
+    nll_true: list[float]
+    nll_shuffled: list[float]
+    n_label_tokens: list[int]
+    gibberish: list[str]
+
+
+def av_outputs(
+    av: VerbalizerBase, rows: pd.DataFrame, shuffled_BD: torch.Tensor, cfg: C.EvalConfig, seed: int
+) -> AVOutputs:
+    """The AV's greedy output, K samples, their mean log-probs, the label's loss under the
+    true and a shuffled vector, and a gibberish control as long as each greedy output."""
+    k, batch = cfg.samples, cfg.batch_size
+    vectors = torch.from_numpy(np.stack(rows["target"].to_list()).astype(np.float32))
+    labels = rows["label"].tolist()
     greedy = generate(av, vectors, cfg, 0.0)
     torch.manual_seed(seed)
     samples = generate(av, vectors.repeat_interleave(k, 0), cfg, cfg.temperature) if k else []
@@ -98,14 +104,25 @@ def evaluate_chunk(
     sample_lp = mean_logprob(av, samples, vectors.repeat_interleave(k, 0), batch) if k else []
     nll_true, n_tok = summed_nll(av, labels, vectors, batch)
     nll_shuf, _ = summed_nll(av, labels, shuffled_BD, batch)
-
     rng = np.random.default_rng(seed)
     gib = [gibberish(av.tokenizer, max(8, len(av.tokenizer(g)["input_ids"])), rng) for g in greedy]
-    paras = (
-        paraphrase(paraphraser, labels, cfg.paraphrases, seed, cfg.judge_max_attempts)
-        if cfg.paraphrases
-        else [[] for _ in labels]
-    )
+    return AVOutputs(greedy, greedy_lp, samples, sample_lp, nll_true, nll_shuf, n_tok, gib)
+
+
+def ar_frame(
+    ar: ActivationReconstructor,
+    rows: pd.DataFrame,
+    av_out: AVOutputs,
+    paras: list[list[str]],
+    unrelated: list[str],
+    mu: np.ndarray,
+    cfg: C.EvalConfig,
+) -> pd.DataFrame:
+    """Every per-row column of rows.parquet but the judge's and the baselines', for one AV's
+    outputs read by one AR."""
+    n, k = len(rows), cfg.samples
+    targets = np.stack(rows["target"].to_list()).astype(np.float32)
+    greedy, samples = av_out.greedy, av_out.samples
     claim_lists = [claims(g) for g in greedy]
     # Claim ablations: all claims (canonical form), then each claim left out.
     claim_texts, claim_owner = [], []
@@ -121,16 +138,16 @@ def evaluate_chunk(
     para_flat = [p for ps in paras for p in ps]
     texts = {
         "greedy": greedy,
-        "replay": labels,
+        "replay": rows["label"].tolist(),
         "empty": [""],
         "unrelated": unrelated,
-        "gibberish": gib,
+        "gibberish": av_out.gibberish,
         "samples": samples,
         "paraphrases": para_flat,
         "claims": claim_texts,
     }
     flat = [t for ts in texts.values() for t in ts]
-    rec_all = reconstruct(ar, flat, batch)
+    rec_all = reconstruct(ar, flat, cfg.batch_size)
     rec, start = {}, 0
     for name, ts in texts.items():
         rec[name] = rec_all[start : start + len(ts)]
@@ -141,7 +158,7 @@ def evaluate_chunk(
     for col in ("source_family", "text", "label", "target"):
         out[col] = rows[col].to_numpy()
     out["explanation"] = greedy
-    out["explanation_logprob"] = greedy_lp
+    out["explanation_logprob"] = av_out.greedy_lp
     for cond in EVAL_CONDITIONS:
         out[f"rec_{cond}"] = list(rec[cond])
         out[f"cos_{cond}"] = cosine_rows(rec[cond], targets)
@@ -150,7 +167,7 @@ def evaluate_chunk(
     s_cos = cosine_rows(rec["samples"], target_k).reshape(n, k) if k else np.zeros((n, 0))
     s_cen = fve_cen_rows(rec["samples"], target_k, mu).reshape(n, k) if k else s_cos
     out["samples"] = [samples[r * k : (r + 1) * k] for r in range(n)]
-    out["sample_logprob"] = [sample_lp[r * k : (r + 1) * k] for r in range(n)]
+    out["sample_logprob"] = [av_out.sample_lp[r * k : (r + 1) * k] for r in range(n)]
     out["sample_cos"] = [s_cos[r].tolist() for r in range(n)]
     out["sample_fve_cen"] = [s_cen[r].tolist() for r in range(n)]
     owners = np.repeat(np.arange(n), [len(p) for p in paras])
@@ -178,11 +195,19 @@ def evaluate_chunk(
     out["claims"] = claim_lists
     out["claim_delta_mse"] = deltas
     out["unrelated_text"] = unrelated
-    out["gibberish_text"] = gib
-    out["nll_true"] = nll_true
-    out["nll_shuffled"] = nll_shuf
-    out["n_label_tokens"] = np.asarray(n_tok, dtype=np.int64)
+    out["gibberish_text"] = av_out.gibberish
+    out["nll_true"] = av_out.nll_true
+    out["nll_shuffled"] = av_out.nll_shuffled
+    out["n_label_tokens"] = np.asarray(av_out.n_label_tokens, dtype=np.int64)
+    return out
 
+
+def judge_columns(
+    judge_backend, rows: pd.DataFrame, greedy: list[str], judge_upto: int, seed: int, cfg
+) -> dict:
+    """The judge's grades of the first `judge_upto` rows' outputs and labels (NaN / "" for
+    the rest, and for all rows without a judge)."""
+    n = len(rows)
     judged = dict.fromkeys(
         ("judge_validity", "judge_specificity", "label_validity", "label_specificity"),
         [float("nan")] * n,
@@ -192,6 +217,52 @@ def evaluate_chunk(
         got = judge(judge_backend, rows.head(m), greedy[:m], seed, cfg.judge_max_attempts)
         for key, values in got.items():
             judged[key] = values + judged[key][m:]
-    for key, values in judged.items():
-        out[key] = values
-    return out
+    return judged
+
+
+@dataclass
+class Models:
+    """The models of one eval run: AVs and ARs by name, the judge and the paraphraser."""
+
+    avs: dict[str, VerbalizerBase]
+    ars: dict[str, ActivationReconstructor]
+    judge: object = None
+    paraphraser: object = None
+
+
+def evaluate_chunk(
+    rows: pd.DataFrame,
+    shuffled_BD: torch.Tensor,
+    unrelated: list[str],
+    models: Models,
+    pairs: dict[str, tuple[str, str]],
+    mu: np.ndarray,
+    cfg: C.EvalConfig,
+    judge_upto: int,
+    chunk_index: int,
+) -> dict[str, pd.DataFrame]:
+    """For each pair name -> (AV name, AR name): every per-row column of its rows.parquet
+    except the baselines'. Each AV writes and is judged once, however many ARs read it; the
+    label's paraphrases are shared by all pairs. Seeds depend on the chunk only, so a pair
+    scores the same rows alike whichever pairs run beside it."""
+    labels = rows["label"].tolist()
+    seed = derive_seed(cfg.seed, chunk_index)
+    paras = (
+        paraphrase(models.paraphraser, labels, cfg.paraphrases, seed, cfg.judge_max_attempts)
+        if cfg.paraphrases
+        else [[] for _ in labels]
+    )
+    outputs: dict[str, AVOutputs] = {}
+    judged: dict[str, dict] = {}
+    frames = {}
+    for name, (av_name, ar_name) in pairs.items():
+        if av_name not in outputs:
+            outputs[av_name] = av_outputs(models.avs[av_name], rows, shuffled_BD, cfg, seed)
+            judged[av_name] = judge_columns(
+                models.judge, rows, outputs[av_name].greedy, judge_upto, seed, cfg
+            )
+        out = ar_frame(models.ars[ar_name], rows, outputs[av_name], paras, unrelated, mu, cfg)
+        for key, values in judged[av_name].items():
+            out[key] = values
+        frames[name] = out
+    return frames

@@ -40,6 +40,7 @@ SOURCES: dict[str, Path] = {
     "sft_av": C.SFT_METRICS["av"],
     "sft_ar": C.SFT_METRICS["ar"],
     "label": C.LABEL_METRICS_PATH,
+    "rl": C.RL_METRICS,
 }
 """The metrics files a metric can live in, by source name."""
 PATH_ARGS = {"k": ("eval", "best_of_k.k_max")}
@@ -568,6 +569,49 @@ METRICS: tuple[Metric, ...] = (
         for kind in ("av", "ar")
         for key in ("released_step", "max_steps", "train_rows", "val_rows")
     ),
+    # --- RL ---------------------------------------------------------------------------------
+    Metric("rl_released_step", "RL steps (released)", "rl", "released_step", "int"),
+    Metric("rl_rollouts", "RL rollouts sampled", "rl", "rollouts", "int"),
+    Metric(
+        "rl_flat_group_rate",
+        "RL groups with equal rewards (no gradient)",
+        "rl",
+        "flat_group_rate",
+        "fraction",
+        count="flat_groups",
+        n="groups",
+        n_unit="groups",
+    ),
+    *(
+        Metric(
+            f"rl_{key}_{end}",
+            f"RL {what}, {end} steps",
+            "rl",
+            f"{end}_steps.{key}",
+            n="window_steps",
+            n_unit="steps",
+        )
+        for key, what in (
+            ("reward_mean", "rollout reward"),
+            ("kl", "k3 KL to the SFT policy"),
+            ("length", "rollout length (tokens)"),
+            ("failed", "failed rollouts (empty, unparseable, truncated)"),
+            ("ar_loss", "live AR loss (mse_nrm)"),
+        )
+        for end in ("first", "last")
+    ),
+    *(
+        Metric(
+            f"rl_val_{key}_{at}",
+            f"RL validation {what} at {at.replace('_', ' ')}",
+            "rl",
+            f"val_at_{at}.val_{key}",
+            n="val_vectors",
+            when=f"val_at_{at}",
+        )
+        for key, what in (("cos", "greedy round trip cos (live AR)"), ("share", "share"))
+        for at in ("start", "release")
+    ),
     # --- labels -----------------------------------------------------------------------------
     *(
         Metric(f"label_{key}", f"labels {key}", "label", key, "int")
@@ -873,6 +917,17 @@ class Bar:
     ci_above_zero: bool = False
     """Its 95% interval must lie above 0 too."""
 
+    def met(self, value: Any, ci: list | None, limit: Any) -> bool | None:
+        """Whether `value` (with its interval) meets the bar; None when not measured."""
+        if not (isinstance(value, int | float) and isinstance(limit, int | float)):
+            return None
+        ok = {">=": value >= limit, "<=": value <= limit, ">": value > limit}[self.op]
+        if self.op == ">" and ci:
+            ok = ci[0] is not None and ci[0] > limit  # above the floor: its whole interval
+        if self.ci_above_zero:
+            ok = ok and bool(ci) and ci[0] is not None and ci[0] > 0
+        return bool(ok)
+
 
 QUALITY_BARS: tuple[Bar, ...] = (
     Bar("eval_n", ">=", 50),
@@ -900,13 +955,7 @@ def bar_rows(metrics: dict[str, dict]) -> list[dict]:
         m = BY_KEY[bar.metric]
         value, ci = results.value(bar.metric), results.ci(bar.metric)
         limit = results.value(bar.threshold_metric) if bar.threshold_metric else bar.threshold
-        met = None
-        if isinstance(value, int | float) and isinstance(limit, int | float):
-            met = {">=": value >= limit, "<=": value <= limit, ">": value > limit}[bar.op]
-            if bar.op == ">" and ci:
-                met = ci[0] is not None and ci[0] > limit  # above the floor: its whole interval
-            if bar.ci_above_zero:
-                met = met and bool(ci) and ci[0] is not None and ci[0] > 0
+        met = bar.met(value, ci, limit)
         show = (lambda v: pct(v)) if m.fmt in ("pct", "fraction") else (lambda v: num(v))
         rows.append(
             {

@@ -61,12 +61,12 @@ def _none_if_nan(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def _clean(obj):
+def clean_json(obj):
     """NaN -> None so metrics/eval.json is strict JSON."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: clean_json(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_clean(v) for v in obj]
+        return [clean_json(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     return _none_if_nan(obj)
@@ -311,7 +311,7 @@ def compute_metrics(rows: pd.DataFrame, meta: dict) -> dict:
     for metric in registry.METRICS:  # metrics declared with their own computation
         if metric.source == "eval" and metric.compute is not None:
             _place(out, metric.path, metric.compute(rows, meta), metric.key)
-    return _clean(out)
+    return clean_json(out)
 
 
 def _place(out: dict, path: str, value, key: str) -> None:

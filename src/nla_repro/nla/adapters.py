@@ -31,10 +31,11 @@ def lora(model: nn.Module, cfg, unfreeze_norms: bool) -> peft.PeftModel:
         raise ConfigError(f"LoRA target_modules {cfg.target_modules!r}: {err}") from None
 
 
-def save_adapter(model: peft.PeftModel, directory: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors. PEFT also writes a README.md full of
+def save_adapter(model: peft.PeftModel, directory: Path, adapters: list[str] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors (of `adapters` only, when the model
+    holds others, e.g. a frozen reference copy). PEFT also writes a README.md full of
     "[More Information Needed]"; the card stage writes the real card, so it is dropped."""
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, selected_adapters=adapters)
     (Path(directory) / "README.md").unlink(missing_ok=True)
 
 

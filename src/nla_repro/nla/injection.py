@@ -91,10 +91,14 @@ class Injector:
         self.marker_id = marker_id
         self.vectors_BD: torch.Tensor | None = None
         self.done = False
+        self.position: int | None = None
         self.handle = embed.register_forward_hook(self._hook, with_kwargs=True)
 
-    def arm(self, vectors_BD: torch.Tensor | None) -> None:
-        self.vectors_BD, self.done = vectors_BD, False
+    def arm(self, vectors_BD: torch.Tensor | None, position: int | None = None) -> None:
+        """Write these vectors at the next forward: at the one marker of each row, or, with
+        `position`, at that index of every row (which must hold the marker): a teacher-forced
+        response may itself contain the marker character after the prompt's."""
+        self.vectors_BD, self.done, self.position = vectors_BD, False, position
 
     def _hook(self, _module, args: tuple, kwargs: dict, output: torch.Tensor):
         ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
@@ -107,14 +111,24 @@ class Injector:
             return None
         if ids.shape[0] != self.vectors_BD.shape[0]:
             raise InjectionError(f"{ids.shape[0]} rows but {self.vectors_BD.shape[0]} vectors")
-        counts = is_marker.sum(dim=1)
-        bad = (counts != 1).nonzero().flatten().tolist()
-        if bad:
-            raise InjectionError(
-                f"row {bad[0]} holds {int(counts[bad[0]])} marker tokens (id {self.marker_id}); "
-                "expected exactly one per injected vector"
-            )
-        rows, cols = is_marker.nonzero(as_tuple=True)
+        if self.position is not None:
+            bad = (~is_marker[:, self.position]).nonzero().flatten().tolist()
+            if bad:
+                raise InjectionError(
+                    f"row {bad[0]}: no marker token (id {self.marker_id}) at position "
+                    f"{self.position}"
+                )
+            rows = torch.arange(ids.shape[0], device=ids.device)
+            cols = torch.full_like(rows, self.position)
+        else:
+            counts = is_marker.sum(dim=1)
+            bad = (counts != 1).nonzero().flatten().tolist()
+            if bad:
+                raise InjectionError(
+                    f"row {bad[0]} holds {int(counts[bad[0]])} marker tokens (id "
+                    f"{self.marker_id}); expected exactly one per injected vector"
+                )
+            rows, cols = is_marker.nonzero(as_tuple=True)
         out = output.clone()
         out[rows, cols] = self.vectors_BD.to(device=out.device, dtype=out.dtype)
         self.done = True

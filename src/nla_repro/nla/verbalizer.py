@@ -123,25 +123,68 @@ class ActivationVerbalizer(VerbalizerBase):
         self.prompt_ids = tokenizer(template.render(marker=self.marker.char))["input_ids"]
         self.injector = Injector(adapt(model).embed, self.marker.token_id)
 
-    def _inputs(self, texts: list[str]):
-        seqs, labels = [], []
-        room = self.max_length - len(self.prompt_ids)
-        for text in texts:
-            resp = self.response_ids(text)[:room]
-            seqs.append(self.prompt_ids + resp)
-            labels.append([IGNORE] * len(self.prompt_ids) + resp)
+    def _inputs(self, responses: list[list[int]]):
+        """The prompt followed by each response's token ids, labels on the response only."""
+        seqs = [self.prompt_ids + resp for resp in responses]
+        labels = [[IGNORE] * len(self.prompt_ids) + resp for resp in responses]
         pad = self.tokenizer.pad_token_id or 0
         padded = pad_batch(seqs, pad, labels=labels, device=self._device())
         return padded.ids_BT, padded.mask_BT, padded.labels_BT
 
-    def row_nll(self, texts, vectors_BD):
-        ids, mask, labels = self._inputs(texts)
-        self.injector.arm(injection_vectors(vectors_BD, self.scale))
+    def _logits(self, ids_BT, mask_BT, vectors_BD) -> torch.Tensor:
+        # At the prompt's marker: the response after it may hold the marker character too.
+        self.injector.arm(injection_vectors(vectors_BD, self.scale), self.marker.position)
         try:
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return self.model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).logits
         finally:
             self.injector.arm(None)
-        return self._score(logits, labels, mask)
+
+    def row_nll(self, texts, vectors_BD):
+        room = self.max_length - len(self.prompt_ids)
+        ids, mask, labels = self._inputs([self.response_ids(t)[:room] for t in texts])
+        return self._score(self._logits(ids, mask, vectors_BD), labels, mask)
+
+    def response_logprobs(
+        self, responses: list[list[int]], vectors_BD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-prob of each token of each response (token ids as sampled, EOS included) given
+        its vector, and the mask of real response tokens: (B, T-1) each. Differentiable."""
+        ids, mask, labels = self._inputs(responses)
+        logp = token_logprobs(self._logits(ids, mask, vectors_BD), labels)
+        self.read_tokens = int(mask.sum())
+        return logp, (labels[:, 1:] != IGNORE)
+
+    def stop_ids(self) -> set[int]:
+        """Token ids that end a response (the tokenizer's EOS and the generation config's)."""
+        found = {self.tokenizer.eos_token_id}
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        found |= set(eos) if isinstance(eos, list | tuple) else {eos}
+        return {int(i) for i in found if i is not None}
+
+    @torch.no_grad()
+    def sample(
+        self, vectors_ND: torch.Tensor, max_new_tokens: int, temperature: float
+    ) -> tuple[list[list[int]], list[bool]]:
+        """One sampled response per vector: its token ids up to and including the first stop
+        token, and whether it ended within `max_new_tokens` (False: cut by the cap)."""
+        n = len(vectors_ND)
+        ids = torch.tensor([self.prompt_ids] * n, device=self._device())
+        self.injector.arm(injection_vectors(vectors_ND, self.scale))
+        try:
+            out = self._generate(
+                max_new_tokens, temperature, input_ids=ids, attention_mask=torch.ones_like(ids)
+            )
+        finally:
+            self.injector.arm(None)
+        stops, responses, finished = self.stop_ids(), [], []
+        for row in out[:, ids.shape[1] :].tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            responses.append(row if end is None else row[: end + 1])
+            finished.append(end is not None)
+        return responses, finished
+
+    def decode(self, responses: list[list[int]]) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate(

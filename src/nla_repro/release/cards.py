@@ -22,11 +22,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from nla_repro import config as C
 from nla_repro.errors import NlaError
+from nla_repro.evaluation.compare import bars_under_each_pair, comparison_rows
 from nla_repro.evaluation.registry import (
     BY_KEY,
     SOURCES,
     Results,
-    bar_rows,
     family_rows,
     num,
     predictor_rows,
@@ -34,7 +34,8 @@ from nla_repro.evaluation.registry import (
 from nla_repro.io import atomic_path
 
 KINDS = ("av", "ar", "sae")
-MODEL_DIRS = {"av": C.AV_DIR, "ar": C.AR_DIR, "sae": C.SAE_DIR}
+# The published pair is the rl stage's (the SFT pair is evaluated beside it).
+MODEL_DIRS = {"av": C.RL_AV_DIR, "ar": C.RL_AR_DIR, "sae": C.SAE_DIR}
 # Plots each card shows (copied next to its README.md under plots/).
 CARD_PLOTS = {
     "av": [
@@ -44,6 +45,15 @@ CARD_PLOTS = {
     "ar": [C.EVAL_PLOTS / f"{n}.png" for n in ("ablation", "identity", "round_trip")],
     "sae": [C.SAE_PLOTS / f"{n}.png" for n in ("density", "train_curve")],
 }
+# Drawn only when the eval compared the pair with the SFT pair (the rl stage's pipeline).
+OPTIONAL_PLOTS = {"av": [C.EVAL_PLOTS / "rl_vs_sft.png"], "ar": [], "sae": []}
+
+
+def card_plots(kind: str, root: Path) -> list[Path]:
+    """The plots a card shows: its own, and the optional ones this build drew."""
+    return CARD_PLOTS[kind] + [p for p in OPTIONAL_PLOTS[kind] if (root / p).exists()]
+
+
 VERSION_TAG = re.compile(r"^v\d+\.\d+\.(\d+|dd)$")
 
 
@@ -172,6 +182,13 @@ def warnings_for(kind: str, ev: dict) -> list[str]:
                     f"({evidence.get(verdict, '')}). Until it does, the explanations are not "
                     "shown to carry more of the activation than no explanation at all."
                 )
+    if kind in ("av", "ar") and verdicts.get("ar_collusion"):
+        found.append(
+            "**The live AR and the AV may share a private code**: RL improved a number under "
+            "the AR trained on the rollouts but not under the held-out SFT AR "
+            f"({evidence.get('ar_collusion', '')}). Read the held-out AR's column of the "
+            "SFT → RL table."
+        )
     if kind == "av" and verdicts.get("template_collapse"):
         found.append(
             "**Template collapse**: most explanations are the same text "
@@ -245,6 +262,19 @@ def training_rows(kind: str, inputs: CardInputs) -> list[tuple[str, str]]:
                 f"{m.text(f'sft_{kind}_train_rows')} train, {m.text(f'sft_{kind}_val_rows')} val",
             ),
         ]
+        rl = meta.get("rl_params")
+        if rl:
+            rows.append(
+                (
+                    "RL (GRPO, after SFT)",
+                    f"{m.text('rl_released_step')} steps x {rl['vectors_per_step']} vectors x "
+                    f"group {rl['group_size']} ({m.text('rl_rollouts')} rollouts), reward "
+                    f"{rl['reward']}, k3 KL {rl['kl_coef']} to the SFT policy, AV lr "
+                    f"{rl['av_lr']}, AR lr {rl['ar_lr']}, AR trained on the rollouts: "
+                    f"{rl['train_ar']}, temperature {rl['temperature']}, cap "
+                    f"{rl['max_new_tokens']} tokens",
+                )
+            )
         if kind == "av":
             av = meta.get("av", {})
             rows += [
@@ -315,13 +345,15 @@ def card_context(kind: str, inputs: CardInputs, repo_id: str, version: str | Non
         "sae_split": inputs.metrics["sae"]["split"],
         "verdicts": verdict_rows(ev),
         "verdict": ev.get("verdicts", {}),
-        "targets": bar_rows(inputs.metrics),
+        "targets": bars_under_each_pair(inputs.metrics),
+        "comparison": comparison_rows(inputs.metrics),
+        "compare": ev.get("comparison", {}),
         "predictors": predictor_rows(inputs.metrics),
         "families": family_rows(inputs.metrics),
         "sample": ev["sample"],
         "baselines": ev["baselines"],
         "judge": ev["judge"],
-        "plots": [p.name for p in CARD_PLOTS[kind]],
+        "plots": [p.name for p in card_plots(kind, inputs.root)],
         "label": inputs.metrics["label"],
         "m": results,
         "sae_names": {k: meta.get(k) for k in ("hook_name", "hook_layer")},
@@ -367,7 +399,7 @@ def write_cards(
         for kind in KINDS:
             folder = tmp / kind / "plots"
             folder.mkdir(parents=True)
-            for plot in CARD_PLOTS[kind]:
+            for plot in card_plots(kind, inputs.root):
                 shutil.copyfile(inputs.root / plot, folder / plot.name)
             card = render_card(kind, inputs, org, version)
             (tmp / kind / "README.md").write_text(str(card), encoding="utf-8", newline="\n")

@@ -27,15 +27,11 @@ from nla_repro.secrets import get_secret, redact
 
 SUMS = "SHA256SUMS"
 # What each released folder holds, from the model folders (checkpoints stay behind).
+# The AV and AR curves: SFT's (train_curve, val_curve) and the rl stage's (rl_*).
+NLA_CURVES = ("train_curve.csv", "val_curve.csv", "rl_train_curve.csv", "rl_val_curve.csv")
 MODEL_FILES = {
-    "av": ("adapter_config.json", "adapter_model.safetensors", "train_curve.csv", "val_curve.csv"),
-    "ar": (
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "head.safetensors",
-        "train_curve.csv",
-        "val_curve.csv",
-    ),
+    "av": ("adapter_config.json", "adapter_model.safetensors", *NLA_CURVES),
+    "ar": ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", *NLA_CURVES),
     "sae": ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "train_curve.csv"),
 }
 # Every parquet the released models were built or measured from (their sha256 is recorded).

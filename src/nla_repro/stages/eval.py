@@ -28,16 +28,17 @@ from tqdm import tqdm
 from nla_repro import config as C
 from nla_repro.errors import ConfigError
 from nla_repro.evaluation.baselines import baseline_columns
-from nla_repro.evaluation.chunk import evaluate_chunk
+from nla_repro.evaluation.chunk import Models, evaluate_chunk
+from nla_repro.evaluation.compare import rl_comparison
 from nla_repro.evaluation.measures import normalized, stratified_sample
 from nla_repro.evaluation.report import eval_report, print_rows
-from nla_repro.evaluation.suite import compute_metrics
+from nla_repro.evaluation.suite import clean_json, compute_metrics
 from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
 from nla_repro.labeling.judge import judge_backends
 from nla_repro.models import read_base_meta
 from nla_repro.nla import load_ar, load_av, shuffled, training_pairs
 from nla_repro.pipeline import StageParams, code_sha256, stage_view
-from nla_repro.plots import eval_plots
+from nla_repro.plots import eval_plots, rl_comparison_plot
 from nla_repro.schemas import (
     LABELS,
     activations_schema,
@@ -124,28 +125,74 @@ def eval_inputs(cfg: C.EvalConfig, d_model: int) -> EvalInputs:
     )
 
 
-def load_pair(params: StageParams, av_dir: Path, ar_dir: Path):
-    """The AV and AR on this pipeline's base; refuse a pair trained on another base/layer."""
+def check_trained_here(params: StageParams, path: Path, base_name: str) -> None:
+    """Refuse a model trained on another base or layer than this pipeline's."""
+    file = path / "nla_meta.yaml"
+    if not file.is_file():
+        raise ConfigError(f"{file}: not found (is {path} an AV or AR folder?)")
+    sidecar = yaml.safe_load(file.read_text())
+    if sidecar.get("base_model") != base_name:
+        raise ConfigError(
+            f"{path}: trained on {sidecar.get('base_model')!r}, but models/base holds "
+            f"{base_name!r}; run the base stage for that model first"
+        )
+    if sidecar.get("layer") != params.extract.layer:
+        raise ConfigError(
+            f"{path}: reads layer {sidecar.get('layer')}, but extract.layer is "
+            f"{params.extract.layer} (the activations would not match)"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which models one eval run loads and which (AV, AR) pairs it scores."""
+
+    avs: dict[str, Path]
+    ars: dict[str, Path]
+    pairs: dict[str, tuple[str, str]]
+    """Pair name -> (AV name, AR name); `published` is the pair the cards publish."""
+
+    @property
+    def compares(self) -> bool:
+        return "sft" in self.pairs
+
+
+PUBLISHED = "published"
+SFT_PAIR = "sft"
+HELDOUT_AR = "rl_heldout_ar"
+
+
+def plan(cfg: C.EvalConfig, av_path: str | None, ar_path: str | None) -> Plan:
+    """A named pair (`--av/--ar`, eval.av_path/ar_path) alone; by default the rl stage's pair
+    (published), the SFT pair, and the RL AV read by the SFT AR (the held-out AR)."""
+    av, ar = av_path or cfg.av_path, ar_path or cfg.ar_path
+    if av or ar:
+        return Plan(
+            {"av": Path(av or C.RL_AV_DIR)},
+            {"ar": Path(ar or C.RL_AR_DIR)},
+            {PUBLISHED: ("av", "ar")},
+        )
+    return Plan(
+        {"rl": C.RL_AV_DIR, "sft": C.AV_DIR},
+        {"rl": C.RL_AR_DIR, "sft": C.AR_DIR},
+        {PUBLISHED: ("rl", "rl"), SFT_PAIR: ("sft", "sft"), HELDOUT_AR: ("rl", "sft")},
+    )
+
+
+def load_models(params: StageParams, p: Plan) -> tuple[dict, dict]:
+    """The plan's AVs and ARs on this pipeline's base."""
     base = params.base
-    meta = read_base_meta(C.BASE_DIR)
-    for path in (av_dir, ar_dir):
-        sidecar = yaml.safe_load((path / "nla_meta.yaml").read_text())
-        if sidecar.get("base_model") != meta["source"]["name"]:
-            raise ConfigError(
-                f"{path}: trained on {sidecar.get('base_model')!r}, but models/base holds "
-                f"{meta['source']['name']!r}; run the base stage for that model first"
-            )
-        if sidecar.get("layer") != params.extract.layer:
-            raise ConfigError(
-                f"{path}: reads layer {sidecar.get('layer')}, but extract.layer is "
-                f"{params.extract.layer} (the activations would not match)"
-            )
+    name = read_base_meta(C.BASE_DIR)["source"]["name"]
+    for path in [*p.avs.values(), *p.ars.values()]:
+        check_trained_here(params, path, name)
     load = {
         "quantization": base.quantization,
         "compute_dtype": base.compute_dtype,
         "device": base.device,
     }
-    return load_av(av_dir, C.BASE_DIR, **load), load_ar(ar_dir, C.BASE_DIR, **load)
+    avs = {k: load_av(path, C.BASE_DIR, **load) for k, path in p.avs.items()}
+    ars = {k: load_ar(path, C.BASE_DIR, **load) for k, path in p.ars.items()}
+    return avs, ars
 
 
 def _folder_sha256(path: Path) -> dict:
@@ -165,21 +212,25 @@ def run(
 ) -> dict:
     params = stage_view(params, "eval")
     cfg = params.eval
-    av_dir = Path(av_path or cfg.av_path or C.AV_DIR)
-    ar_dir = Path(ar_path or cfg.ar_path or C.AR_DIR)
+    p = plan(cfg, av_path, ar_path)
     outputs = (
         Outputs(Path(out_dir) / "rows.parquet", Path(out_dir) / "eval.json", Path(out_dir))
         if out_dir
         else Outputs(C.EVAL_ROWS, C.EVAL_METRICS, C.EVAL_PLOTS)
     )
+    rows_paths = {
+        name: outputs.rows if name == PUBLISHED else outputs.rows.with_name(f"{name}_rows.parquet")
+        for name in p.pairs
+    }
     base_meta = read_base_meta(C.BASE_DIR)
     d_model = int(base_meta["d_model"])
     inputs = eval_inputs(cfg, d_model)
     rows, mu = inputs.rows, inputs.mu
-    av, ar = load_pair(params, av_dir, ar_dir)
+    avs, ars = load_models(params, p)
     judge_b, paraphraser = judge_backends(cfg, params.base, C.BASE_DIR)
+    models = Models(avs, ars, judge_b, paraphraser)
 
-    meta = {
+    common = {
         "mu": mu.tolist(),
         "mu_pool": cfg.pool_split,
         # fve_nrm's centre: the mean of norm(v) over the train pool.
@@ -192,24 +243,41 @@ def run(
         "n_boot": cfg.n_boot,
         "judge_backend": cfg.judge_backend,
         "judge_model": judge_b.model if judge_b else None,
-        "models": {
-            "av": {"path": str(av_dir), "files_sha256": _folder_sha256(av_dir)},
-            "ar": {"path": str(ar_dir), "files_sha256": _folder_sha256(ar_dir)},
-            "base": base_meta["source"]["name"],
-        },
         "prompts_sha256": {v: load_template(v).sha256 for v in JUDGE_PROMPTS},
-        "inputs_sha256": {str(p): sha256_file(p) for p in (C.LABELS_PATH, C.ACTIVATIONS_PATH)},
+        "inputs_sha256": {str(f): sha256_file(f) for f in (C.LABELS_PATH, C.ACTIVATIONS_PATH)},
     }
-    baseline_cols, meta["baselines"] = baseline_columns(
+    baseline_cols, common["baselines"] = baseline_columns(
         np.stack(rows["target"].to_list()).astype(np.float64),
         inputs.train,
         inputs.train_families,
         inputs.pool,
         mu,
     )
+    files = {
+        role: {"path": str(path), "files_sha256": _folder_sha256(path)}
+        for role, path in [
+            *(("av:" + k, v) for k, v in p.avs.items()),
+            *(("ar:" + k, v) for k, v in p.ars.items()),
+        ]
+    }
+    metas = {
+        name: common
+        | {
+            "pair": name,
+            "models": {
+                "av": files[f"av:{av_name}"],
+                "ar": files[f"ar:{ar_name}"],
+                "base": base_meta["source"]["name"],
+            },
+        }
+        for name, (av_name, ar_name) in p.pairs.items()
+    }
     # Chunks made from other models, inputs, code or params are discarded, never resumed.
-    key = fingerprint(meta, code_sha256("eval"), params.declared_values())
-    store = ChunkStore(work_root / "eval", key)
+    key = fingerprint(common, files, p.pairs, code_sha256("eval"), params.declared_values())
+    stores = {
+        name: ChunkStore(work_root / ("eval" if name == PUBLISHED else f"eval_{name}"), key)
+        for name in p.pairs
+    }
 
     n = len(rows)
     targets = torch.from_numpy(np.stack(rows["target"].to_list()).astype(np.float32))
@@ -218,37 +286,71 @@ def run(
     unrelated_all = [rows["text"].iloc[(i + offset) % n] for i in range(n)]
     judge_upto = cfg.judge_rows or n
     chunks = [range(i, min(i + cfg.chunk_rows, n)) for i in range(0, n, cfg.chunk_rows)]
-    done = sum(len(c) for i, c in enumerate(chunks) if store.done(i))
-    bar = tqdm(total=n, initial=done, unit="row", desc="eval")
+
+    def finished(c: int) -> bool:
+        return all(store.done(c) for store in stores.values())
+
+    done = sum(len(c) for i, c in enumerate(chunks) if finished(i))
+    bar = tqdm(total=n, initial=done, unit="row", desc=f"eval ({len(p.pairs)} pairs)")
     for c, idx in enumerate(chunks):
-        if store.done(c):
+        if finished(c):
             continue
-        part = evaluate_chunk(
+        parts = evaluate_chunk(
             rows.iloc[idx.start : idx.stop].reset_index(drop=True),
             shuffled_all[idx.start : idx.stop],
             unrelated_all[idx.start : idx.stop],
-            (av, ar, judge_b, paraphraser),
+            models,
+            p.pairs,
             mu,
             cfg,
             judge_upto - idx.start,
             c,
         )
-        store.write(c, eval_rows_to_arrow(part))
+        for name, part in parts.items():
+            stores[name].write(c, eval_rows_to_arrow(part))
         bar.update(len(idx))
-        bar.set_postfix(cos=f"{part['cos_greedy'].mean():.3f}")
+        bar.set_postfix(cos=f"{parts[PUBLISHED]['cos_greedy'].mean():.3f}")
     bar.close()
 
-    table = eval_rows_from_arrow(store.read(range(len(chunks))))
-    for column, values in baseline_cols.items():
-        table[column] = values
-    table = validate(table, eval_rows_schema(d_model), outputs.rows)
-    write_parquet(eval_rows_to_arrow(table, meta), outputs.rows)
-
-    # The published numbers come from the file just written, nothing else.
-    written, written_meta = read_eval_rows(outputs.rows, d_model)
-    metrics = compute_metrics(written, written_meta)
+    written = {}
+    for name, store in stores.items():
+        table = eval_rows_from_arrow(store.read(range(len(chunks))))
+        for column, values in baseline_cols.items():
+            table[column] = values
+        table = validate(table, eval_rows_schema(d_model), rows_paths[name])
+        write_parquet(eval_rows_to_arrow(table, metas[name]), rows_paths[name])
+        # The published numbers come from the files just written, nothing else.
+        written[name] = read_eval_rows(rows_paths[name], d_model)
+    metrics = eval_metrics(written)
     write_json(metrics, outputs.metrics)
-    eval_plots(written, metrics, np.asarray(written_meta["mu"]), outputs.plots)
-    store.clear()
+    eval_plots(written[PUBLISHED][0], metrics, np.asarray(common["mu"]), outputs.plots)
+    rl_comparison_plot(metrics, outputs.plots)
+    for store in stores.values():
+        store.clear()
     print_rows(eval_report(metrics))
+    return metrics
+
+
+def eval_metrics(written: dict[str, tuple[pd.DataFrame, dict]]) -> dict:
+    """metrics/eval.json from the rows files: the published pair's suite at the top; with the
+    SFT pair beside it, `comparison` holds the SFT pair's and the held-out AR's suites, every
+    compared number's paired difference, and the ar_collusion verdict (also among the
+    verdicts)."""
+    rows, meta = written[PUBLISHED]
+    metrics = compute_metrics(rows, meta)
+    if SFT_PAIR not in written:
+        return metrics
+    sft_rows, held_rows = written[SFT_PAIR][0], written[HELDOUT_AR][0]
+    found = rl_comparison(rows, sft_rows, held_rows, meta)
+    metrics["comparison"] = clean_json(
+        {
+            "pairs": {
+                SFT_PAIR: compute_metrics(sft_rows, written[SFT_PAIR][1]),
+                HELDOUT_AR: compute_metrics(held_rows, written[HELDOUT_AR][1]),
+            },
+            **found,
+        }
+    )
+    metrics["verdicts"]["ar_collusion"] = found["ar_collusion"]
+    metrics["verdict_evidence"]["ar_collusion"] = found["ar_collusion_evidence"]
     return metrics

@@ -212,13 +212,14 @@ class TrainingRun:
                 (path / OPTIMIZER_FILE).unlink(missing_ok=True)
 
     def publish(self, step: int) -> None:
-        """Copy checkpoint step_N's model files and sidecar to the top of the output folder
-        (the released weights), leaving its resume state behind."""
+        """Copy checkpoint step_N's model files and sidecar (and model folders, for a run
+        that trains two models) to the top of the output folder (the released weights),
+        leaving its resume state behind."""
         source = self.checkpoint_dir(step)
-        for path in source.iterdir():
+        for path in sorted(source.iterdir()):
             if path.name not in RUN_FILES:
                 with atomic_path(self.out_dir / path.name) as tmp:
-                    shutil.copyfile(path, tmp)
+                    (shutil.copytree if path.is_dir() else shutil.copyfile)(path, tmp)
 
     def write_curves(self, history: dict, validation: bool) -> None:
         """train_curve.csv, and val_curve.csv for a trainer that validates, for `dvc plots`."""

@@ -231,9 +231,6 @@ def stage_run(
     meta = read_base_meta(C.BASE_DIR)
     acts_meta = yaml.safe_load(C.ACTIVATIONS_META.read_text())
     d_model = int(meta["d_model"])
-    labels = read_parquet(C.LABELS_PATH, LABELS)
-    acts = read_parquet(C.ACTIVATIONS_PATH, activations_schema(d_model))
-    pairs = training_pairs(labels, acts, d_model, f"{C.LABELS_PATH} x {C.ACTIVATIONS_PATH}")
     cfg = getattr(params, name)
     sidecar = provenance(
         f"nla-{name}",
@@ -254,4 +251,13 @@ def stage_run(
     # Every checkpoint is kept (the release step may be any of them); only the newest keeps
     # its optimizer state.
     run = TrainingRun(name, out_dir, sidecar, Retention(keep_last=None))
-    return run, {s: split_pairs(pairs, s) for s in ("train", "val", "test")}
+    return run, split_inputs(d_model)
+
+
+def split_inputs(d_model: int) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """(explanations, vectors) of each split: the accepted labels joined with their
+    activations, the rows both sft stages and the rl stage train on."""
+    labels = read_parquet(C.LABELS_PATH, LABELS)
+    acts = read_parquet(C.ACTIVATIONS_PATH, activations_schema(d_model))
+    pairs = training_pairs(labels, acts, d_model, f"{C.LABELS_PATH} x {C.ACTIVATIONS_PATH}")
+    return {s: split_pairs(pairs, s) for s in ("train", "val", "test")}
