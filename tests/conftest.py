@@ -240,19 +240,24 @@ def write_finished_pipeline(root: Path) -> None:
         "normalization": "norm(v) = v * sqrt(d) / ||v|| (fp32)",
         "code_commit": "0123456789abcdef0123456789abcdef01234567",
     }
-    nla = {"position_rule": "last", "label_mode": "two-pass", "inputs_sha256": {"x": "y"}}
+    nla = {
+        "position_rule": "last",
+        "label_mode": "two-pass",
+        "inputs_sha256": {"x": "y"},
+        "rl_params": dataclasses.asdict(C.RLConfig()),  # the published pair is the RL pair
+    }
     sidecars = {
         "av": base
         | nla
         | {
-            "model": "nla-av",
+            "model": "nla-av-rl",
             "params": dataclasses.asdict(C.AVConfig()),
             "injection_scale_resolved": 238.5,
             "av": {"kind": "injection", "marker_token_id": 1234},
         },
         "ar": base
         | nla
-        | {"model": "nla-ar", "params": dataclasses.asdict(C.ARConfig()), "ar_num_layers": 21},
+        | {"model": "nla-ar-rl", "params": dataclasses.asdict(C.ARConfig()), "ar_num_layers": 21},
         "sae": base
         | {
             "model": "nla-sae",
@@ -274,6 +279,8 @@ def write_finished_pipeline(root: Path) -> None:
             save_file(weights, str(folder / "sparsity.safetensors"))
             continue
         (folder / "val_curve.csv").write_text("step,val_loss\n0,2.0\n")
+        (folder / "rl_train_curve.csv").write_text("step,reward_mean\n1,-1.0\n")
+        (folder / "rl_val_curve.csv").write_text("step,val_cos\n0,0.6\n")
         adapter = {"base_model_name_or_path": "models/base", "peft_type": "LORA", "r": 16}
         (folder / "adapter_config.json").write_text(json.dumps(adapter))
         save_file(weights, str(folder / "adapter_model.safetensors"))

@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard
 
 from nla_repro import config as C
 from nla_repro.evaluation import registry
+from nla_repro.evaluation.compare import bars_under_each_pair
 from nla_repro.release import calibration, cards
 from nla_repro.stages import card as card_stage
 
@@ -155,19 +156,23 @@ def test_a_pair_that_beats_its_baselines_carries_no_warning(project):
     assert "## Failure modes detected" not in (project / C.CALIBRATION_PATH).read_text()
 
 
-def test_losing_to_a_constant_is_said_at_the_top_of_the_av_card(project):
-    """The committed default loses to the train mean vector: its card must say so first."""
+def test_losing_to_a_text_free_predictor_is_said_at_the_top_of_the_av_card(project):
+    """The committed default (after RL) beats the train mean vector but not the text-free
+    centroid predictor centred: its card must say so first, and nothing about the constant."""
     ev = json.loads((project / C.EVAL_METRICS).read_text())
-    assert ev["verdicts"]["beats_mean_direction"] is False
+    assert ev["verdicts"]["beats_mean_direction"] is True
+    assert ev["verdicts"]["beats_text_free_centroid"] is False
     card_stage.run(C.Params())
     text = ModelCard.load(project / "cards/av/README.md").text
-    warning = text.index("does not beat a constant")
+    warning = text.index("does not beat a text-free predictor")
     assert warning < text.index("## How to load")
-    lead = ev["predictors"]["mean_direction"]["round_trip_minus"]["cos"]
-    assert f"raw {lead['mean']:.4f} [{lead['ci95'][0]:.4f}, {lead['ci95'][1]:.4f}]" in text
+    assert "does not beat a constant" not in text
+    lead = ev["predictors"]["centroid"]["round_trip_minus"]["fve_cen"]
+    assert f"centred {lead['mean']:.4f} [{lead['ci95'][0]:.4f}, {lead['ci95'][1]:.4f}]" in text
     assert "[!WARNING]" not in (project / "cards/ar/README.md").read_text()
     calibration = (project / C.CALIBRATION_PATH).read_text()
-    assert "## Failure modes detected" in calibration and "does not beat a constant" in calibration
+    assert "## Failure modes detected" in calibration
+    assert "does not beat a text-free predictor" in calibration
     # The baselines table: every predictor's row, the oracle labelled as one.
     for row in registry.predictor_rows(metric_files(project)):
         assert f"| {row['name']} | {row['kind']} | {row['cos']} |" in calibration
@@ -299,9 +304,13 @@ def test_summary_table_lists_every_headline_and_bar(project):
         for key in keys:
             name, value = results.name(key), results.text(key)
             assert any(name in line and line.rstrip().endswith(value) for line in text.splitlines())
-    for row in registry.bar_rows(inputs.metrics):
-        line = next(line for line in text.splitlines() if line.startswith(row["name"]))
-        assert line.split()[-1] == row["met"]
+    # The bars, after the SFT -> RL table: met by the published pair, under the held-out AR,
+    # and by the SFT pair.
+    assert "SFT -> RL, same rows (AR collusion: False)" in text
+    bars_part = text.split("NLA quality bars (the published pair)")[1]
+    for row in bars_under_each_pair(inputs.metrics):
+        line = next(line for line in bars_part.splitlines() if line.startswith(row["name"]))
+        assert line.split()[-3:] == [row["met"], row["met_heldout"], row["met_sft"]]
 
 
 def test_calibration_shows_the_lever_sweep_of_its_own_profile_only(project):
@@ -348,3 +357,48 @@ def test_calibration_shows_the_lever_sweep_of_its_own_profile_only(project):
     text = (project / C.CALIBRATION_PATH).read_text()
     assert "`av:embed_norm`" not in text
     assert "was run on profile `smoke`" in text
+
+
+def test_calibration_shows_the_rl_lever_sweep_per_ar_or_says_it_is_missing(project):
+    (project / C.RL_LEVERS_PATH).unlink(missing_ok=True)
+    card_stage.run(C.Params())
+    assert "No RL lever sweep on record" in (project / C.CALIBRATION_PATH).read_text()
+
+    def scored(share: float, met: int) -> dict:
+        numbers = {key: {"mean": 0.5} for key, _ in calibration.RL_LEVER_COLUMNS}
+        numbers["explanation_share_cos"] = {"mean": share, "ci95": [share - 0.01, share + 0.01]}
+        return {
+            "numbers": numbers,
+            "bars_met": {f"b{i}": i < met for i in range(12)},
+            "bars_met_count": met,
+        }
+
+    sweep = {
+        "profile": "default",
+        "commit": "abc1234",
+        "date_utc": "2026-12-03",
+        "machine": "x86_64, 2 threads",
+        "split": "test",
+        "steps": 20,
+        "pipeline_rl_steps": 40,
+        "bars": [f"b{i}" for i in range(12)],
+        "levers": [
+            {
+                "name": "kl_0.1",
+                "what": "KL coefficient 0.1",
+                "steps": 20,
+                "score": {"n": 137, "live_ar": scored(0.04, 6), "heldout_ar": scored(0.07, 8)},
+                "wall_s": 300.0,
+            }
+        ],
+    }
+    (project / C.RL_LEVERS_PATH).parent.mkdir(parents=True, exist_ok=True)
+    (project / C.RL_LEVERS_PATH).write_text(json.dumps(sweep))
+    card_stage.run(C.Params())
+    text = (project / C.CALIBRATION_PATH).read_text()
+    assert "| `kl_0.1` | KL coefficient 0.1 | 20 | live | 0.500 | 0.040 [0.030, 0.050] |" in text
+    assert (
+        "| `kl_0.1` | KL coefficient 0.1 | 20 | held-out SFT | 0.500 | 0.070 [0.060, 0.080] |"
+        in (text)
+    )
+    assert "| 6/12 | 300 |" in text and "| 8/12 | 300 |" in text

@@ -287,8 +287,9 @@ def evaluate_constructed(ar_kind: str, reads: bool = True) -> dict:
     return score_constructed(part, targets, mu)
 
 
-def score_constructed(part: pd.DataFrame, targets: np.ndarray, mu: np.ndarray) -> dict:
-    """Add the baselines (a train pool of two families around the targets) and score."""
+def with_baselines(part: pd.DataFrame, targets: np.ndarray, mu: np.ndarray):
+    """The chunk's table with the baselines (a train pool of two families around the
+    targets), validated, and its metadata."""
     rng = np.random.default_rng(7)
     train = np.concatenate([targets + rng.normal(scale=2.0, size=targets.shape)] * 2)
     fams = ["a"] * len(targets) + ["b"] * len(targets)
@@ -303,7 +304,12 @@ def score_constructed(part: pd.DataFrame, targets: np.ndarray, mu: np.ndarray) -
         "n_boot": 300,
         "baselines": base_meta,
     }
-    return compute_metrics(part, meta)
+    return part, meta
+
+
+def score_constructed(part: pd.DataFrame, targets: np.ndarray, mu: np.ndarray) -> dict:
+    """Add the baselines and score."""
+    return compute_metrics(*with_baselines(part, targets, mu))
 
 
 def test_a_constant_ar_is_content_blind_and_at_chance():

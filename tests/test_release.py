@@ -136,6 +136,8 @@ def test_dry_run_stages_exactly_the_files_it_lists(repo):
         "nla_meta.yaml",
         "train_curve.csv",
         "val_curve.csv",
+        "rl_train_curve.csv",
+        "rl_val_curve.csv",
         "plots/ablation.png",
         "plots/identity.png",
         "plots/round_trip.png",

@@ -62,6 +62,7 @@ SAE_PLOTS = Path("plots/sae")
 CARDS_DIR = Path("cards")
 CALIBRATION_PATH = Path("RELEASE_CALIBRATION.md")
 LEVERS_PATH = Path("benchmarks/levers.json")
+RL_LEVERS_PATH = Path("benchmarks/rl_levers.json")
 """Written by benchmarks/levers.py (short training runs, one lever moved each); committed."""
 DIST_DIR = Path("dist")
 # Resumable stages keep finished chunks here between an interrupted run and its rerun. It is not

@@ -107,6 +107,10 @@ def render_calibration(inputs: CardInputs, previous_tag: str | None, previous: d
         "levers_same_inputs": (inputs.levers or {}).get("inputs_sha256")
         == inputs.sidecars["av"].get("inputs_sha256"),
         "levers_path": C.LEVERS_PATH.as_posix(),
+        "rl_levers": rl_lever_rows(inputs.rl_levers),
+        "rl_levers_meta": inputs.rl_levers,
+        "rl_levers_path": C.RL_LEVERS_PATH.as_posix(),
+        "rl_lever_columns": RL_LEVER_COLUMNS,
         # The lever sweep is a benchmark's record (benchmarks/levers.json), not a metric.
         "num": num,
         "pct": pct,
@@ -133,4 +137,44 @@ def lever_rows(levers: dict | None) -> list[dict]:
                 "wall_s": num(run["wall_s"], 0),
             }
         )
+    return rows
+
+
+RL_LEVER_COLUMNS = (
+    ("round_trip_fve_cen", "round trip fve_cen"),
+    ("explanation_share_cos", "share raw"),
+    ("explanation_share_fve_cen", "share fve_cen"),
+    ("identity_argmax_accuracy", "identity"),
+    ("unique_output_rate", "unique"),
+    ("round_trip_minus_mean_direction_cos", "− mean dir. raw"),
+    ("round_trip_minus_mean_direction_fve_cen", "− mean dir. fve_cen"),
+    ("round_trip_minus_centroid_fve_cen", "− centroid fve_cen"),
+)
+"""The RL lever table's number columns (registry keys) and their headers."""
+
+
+def rl_lever_rows(sweep: dict | None) -> list[dict]:
+    """One row per RL lever and AR (live, held-out): the numbers the bars read, with the
+    paired interval where there is one, and the bars met of those the sweep measures."""
+    rows = []
+    for run in (sweep or {}).get("levers", []):
+        for ar, label in (("live_ar", "live"), ("heldout_ar", "held-out SFT")):
+            scored = run["score"][ar]
+            cells = []
+            for key, _ in RL_LEVER_COLUMNS:
+                value = scored["numbers"][key]
+                fmt = pct if key in ("identity_argmax_accuracy", "unique_output_rate") else num
+                ci = value.get("ci95")
+                cells.append(fmt(value["mean"]) + (f" [{num(ci[0])}, {num(ci[1])}]" if ci else ""))
+            rows.append(
+                {
+                    "name": run["name"],
+                    "what": run["what"],
+                    "steps": run["steps"],
+                    "ar": label,
+                    "cells": cells,
+                    "met": f"{scored['bars_met_count']}/{len(scored['bars_met'])}",
+                    "wall_s": num(run["wall_s"], 0),
+                }
+            )
     return rows

@@ -71,6 +71,8 @@ class CardInputs:
     root: Path
     levers: dict | None = None
     """benchmarks/levers.json when it exists (the lever sweep RELEASE_CALIBRATION.md shows)."""
+    rl_levers: dict | None = None
+    """benchmarks/rl_levers.json when it exists (the RL lever sweep)."""
 
 
 def read_inputs(params: C.Params, root: Path | str = ".") -> CardInputs:
@@ -90,9 +92,11 @@ def read_inputs(params: C.Params, root: Path | str = ".") -> CardInputs:
         if not file.exists():
             raise CardError(f"{file}: not found (run `dvc repro` or `dvc pull`)")
         sidecars[kind] = yaml.safe_load(file.read_text())
-    levers_file = root / C.LEVERS_PATH
-    levers = json.loads(levers_file.read_text()) if levers_file.exists() else None
-    return CardInputs(params, metrics, sidecars, root, levers)
+    sweeps = [
+        json.loads((root / path).read_text()) if (root / path).exists() else None
+        for path in (C.LEVERS_PATH, C.RL_LEVERS_PATH)
+    ]
+    return CardInputs(params, metrics, sidecars, root, *sweeps)
 
 
 def repo_names(params: C.Params, base_model: str) -> dict[str, str]:

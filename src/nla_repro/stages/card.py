@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 
 from nla_repro import config as C
-from nla_repro.evaluation.registry import Results, bar_rows, predictor_rows
+from nla_repro.evaluation.compare import bars_under_each_pair, comparison_rows
+from nla_repro.evaluation.registry import Results, predictor_rows
 from nla_repro.io import write_text
 from nla_repro.pipeline import stage_view
 from nla_repro.platform import format_table
@@ -53,16 +54,25 @@ def summary(inputs: cards.CardInputs, names: dict[str, str]) -> str:
         (r["name"], r["kind"], r["lead_cos"], r["lead_fve_cen"], r["wins"])
         for r in predictor_rows(inputs.metrics)
     ]
-    bars = [("quality bar", "value", "95% CI", "bar", "met")] + [
-        (r["name"], r["value"], r["ci"], r["target"], r["met"]) for r in bar_rows(inputs.metrics)
+    bar_list = bars_under_each_pair(inputs.metrics)
+    compared = "met_heldout" in (bar_list[0] if bar_list else {})
+    header = ("quality bar", "value", "95% CI", "bar", "met")
+    bars = [header + (("held-out SFT AR", "SFT pair") if compared else ())] + [
+        (r["name"], r["value"], r["ci"], r["target"], r["met"])
+        + ((r["met_heldout"], r["met_sft"]) if compared else ())
+        for r in bar_list
     ]
-    return "\n\n".join(
-        [
-            "Headline numbers",
-            format_table(rows),
-            "Baselines (paired over the same rows; an oracle selects with the target)",
-            format_table(leads),
-            "NLA quality bars",
-            format_table(bars),
+    parts = [
+        "Headline numbers",
+        format_table(rows),
+        "Baselines (paired over the same rows; an oracle selects with the target)",
+        format_table(leads),
+    ]
+    changes = comparison_rows(inputs.metrics)
+    if changes:
+        table = [("SFT -> RL", "SFT", "RL", "RL - SFT [95% CI]", "RL AV, held-out AR")] + [
+            (r["name"], r["sft"], r["rl"], r["rl_minus_sft"], r["heldout"]) for r in changes
         ]
-    )
+        collusion = inputs.metrics["eval"]["comparison"]["ar_collusion"]
+        parts += [f"SFT -> RL, same rows (AR collusion: {collusion})", format_table(table)]
+    return "\n\n".join([*parts, "NLA quality bars (the published pair)", format_table(bars)])
