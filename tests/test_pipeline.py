@@ -32,7 +32,8 @@ from nla_repro.stages.eval import eval_metrics
 ROOT = Path(__file__).resolve().parents[1]
 REPO_FILES = [
     "dvc.yaml",
-    "benchmarks/levers.json",  # a dep of the card stage
+    "benchmarks/levers.json",  # deps of the card stage
+    "benchmarks/rl_levers.json",
     ".dvcignore",
     ".gitignore",
     ".gitattributes",
