@@ -337,7 +337,6 @@ def _headline_rows(name: str, record: dict) -> list[tuple[str, str, str]]:
                 f"seconds per step ({r.get('rollouts_per_step')} rollouts)",
                 _num(r.get("seconds_per_step"), 2),
             ),
-            ("rl", "peak RSS", _num(r.get("peak_rss_mb"), 0, "MB")),
         ]
     if name == "sft":
         rows = []
