@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -643,11 +644,9 @@ class CardConfig:
     """Extra front-matter tags for all three cards."""
 
     def validate(self, where: str) -> None:
-        name = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-        if not re.fullmatch(name, self.org):
-            raise ConfigError(f"{where}.org: {self.org!r} is not a valid Hub user/org name")
-        if self.repo_prefix is not None and not re.fullmatch(name, self.repo_prefix):
-            raise ConfigError(f"{where}.repo_prefix: {self.repo_prefix!r} is not a repo name")
+        check_hub_name(self.org, f"{where}.org", "Hub user/org name")
+        if self.repo_prefix is not None:
+            check_hub_name(self.repo_prefix, f"{where}.repo_prefix", "repo name")
         if not self.license.strip():
             raise ConfigError(f"{where}.license: empty")
 
@@ -705,6 +704,25 @@ def check_layer(layer: int, n_layers: int, model_name: str, key: str) -> None:
         )
 
 
+HUB_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+"""A Hub user, organization or repo name: letters, digits, `.`, `_`, `-`, at most 96
+characters, starting and ending with a letter or digit; no `..` or `--`."""
+
+
+def check_hub_name(value: str, key: str, what: str = "Hub name") -> None:
+    """The one check of a Hub name, for params (`card.org`) and the command line (`--org`)."""
+    if not (
+        isinstance(value, str)
+        and HUB_NAME.fullmatch(value)
+        and ".." not in value
+        and "--" not in value
+    ):
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid {what} (letters, digits, '.', '_', '-'; starts "
+            f"and ends with a letter or digit; at most 96 characters)"
+        )
+
+
 def _positive(obj: Any, name: str, where: str) -> None:
     if getattr(obj, name) <= 0:
         raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(obj, name)}")
@@ -724,7 +742,10 @@ def _type_ok(value: Any, hint: Any) -> bool:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        # NaN and inf pass every `<= 0` range check, and train to a NaN model: refuse them here.
+        return (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
@@ -733,6 +754,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if hint is float:
+        return "a finite number"
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "")
@@ -770,14 +793,47 @@ def params_from_dict(data: dict, source: str = "params") -> Params:
         raise ConfigError(f"{source}: {err}") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last
+    one silently, so a second `ar:` section would replace the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                    f"YAML would keep only the second: merge them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_strict(path: Path, text: str | None = None) -> Any:
+    """Parse a params or profile file; duplicate keys and YAML errors name the file."""
+    try:
+        # _StrictLoader is a SafeLoader: no arbitrary objects are constructed.
+        return yaml.load(path.read_text() if text is None else text, Loader=_StrictLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: not found (run `python -m nla_repro profile default`)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
+    data = read_yaml_strict(path)
+    if data is None or data == {}:
+        # An empty file would otherwise mean "the whole default" without saying so.
+        raise ConfigError(
+            f"{path}: empty; write it from a profile (`python -m nla_repro profile default`)"
+        )
     return params_from_dict(data, str(path))
 
 
@@ -810,7 +866,7 @@ def materialize_profile(name: str) -> Params:
     file = resources.files("nla_repro") / "profiles" / f"{name}.yaml"
     if not file.is_file():
         raise ConfigError(f"unknown profile {name!r}; known: {profile_names()}")
-    override = yaml.safe_load(file.read_text()) or {}
+    override = read_yaml_strict(Path(f"profile {name}"), file.read_text()) or {}
     merged = _merge(default, override, f"profile {name}")
     merged["profile"] = name
     return params_from_dict(merged, f"profile {name}")
