@@ -24,7 +24,15 @@ from nla_repro.sae.activations import Shards
 from nla_repro.sae.files import load_sae, save_sae
 from nla_repro.sae.model import TopKSAE, geometric_median, sparse_decode
 from nla_repro.seeds import derive_seed
-from nla_repro.training.run import Retention, StepResult, TrainingRun, new_history, run_steps
+from nla_repro.training.run import (
+    Retention,
+    StepResult,
+    TrainingRun,
+    check_finite,
+    grad_norm,
+    new_history,
+    run_steps,
+)
 
 RETENTION = Retention(keep_last=1)
 """A resumed SAE run needs only its newest checkpoint; the weights are published at the top."""
@@ -124,13 +132,14 @@ class Trainer:
         loss, info = training_loss(sae, x_BD, self.dead.dead, s.k_aux, s.aux_coef)
         loss.backward()
         sae.remove_parallel_grad()
-        if s.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), s.max_grad_norm)
+        norm = grad_norm(list(sae.parameters()), s.max_grad_norm)
+        check_finite("sae", self.step, loss=loss, grad_norm=norm)
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
+        check_finite("sae", self.step, sae.parameters())
         self.dead.update(info["idx"], info["acts"])
         self.step += 1
         return {"fvu": info["fvu"], "aux": info["aux"], "lr": lr}

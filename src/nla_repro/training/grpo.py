@@ -43,7 +43,15 @@ from nla_repro.models import batch_slices
 from nla_repro.nla import ActivationReconstructor, ActivationVerbalizer
 from nla_repro.seeds import derive_seed
 from nla_repro.templates import parse_explanation
-from nla_repro.training.run import Resumed, StepResult, TrainingRun, new_history, run_steps
+from nla_repro.training.run import (
+    Resumed,
+    StepResult,
+    TrainingRun,
+    check_finite,
+    grad_norm,
+    new_history,
+    run_steps,
+)
 from nla_repro.training.sft import BatchOrder
 
 REFERENCE_ADAPTER = "reference"
@@ -217,8 +225,8 @@ class GRPOTrainer:
             loss, kl = policy_loss(logp, ref, mask, adv[s].to(logp.device), cfg.kl_coef)
             (loss / n).backward()
             kl_rows.append(kl.cpu())
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.av_params, cfg.max_grad_norm)
+        policy_norm = grad_norm(self.av_params, cfg.max_grad_norm)
+        check_finite("rl", step, policy_loss=loss, grad_norm=policy_norm)
         ar_loss = float("nan")
         valid = [i for i, f in enumerate(roll.failures) if f is None]
         if self.ar_params and valid:
@@ -231,13 +239,14 @@ class GRPOTrainer:
                 total += out["loss"].item() * len(idx)
                 tokens += out["tokens"]
             ar_loss = total / len(valid)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.ar_params, cfg.max_grad_norm)
+            ar_norm = grad_norm(self.ar_params, cfg.max_grad_norm)
+            check_finite("rl", step, ar_loss=ar_loss, ar_grad_norm=ar_norm)
             ar.eval()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        check_finite("rl", step, [*self.av_params, *self.ar_params])
         lengths = [len(r) for r in roll.responses]
         # Throughput (the bar and benchmarks/rl.py; never an output: clocks differ per run).
         self.last_timing = {

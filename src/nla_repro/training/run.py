@@ -35,7 +35,7 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nla_repro.errors import NlaError
 from nla_repro.io import (
     atomic_path,
     code_commit,
@@ -272,6 +273,42 @@ def curves_csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+class NonFiniteError(NlaError):
+    """A loss, gradient norm or weight went NaN or infinite: the run stops before it can
+    checkpoint or publish anything non-finite."""
+
+
+def check_finite(
+    run: str, step: int, params: Iterable[torch.Tensor] = (), **values: float | torch.Tensor
+) -> None:
+    """Stop the run at `step` if any of `values` (loss, grad_norm, ...) or any tensor of
+    `params` (checked after the optimizer step) is not finite. Cheap next to a step: the
+    trainable parameters are adapters, heads or an SAE."""
+    scalars = {
+        k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items()
+    }
+    bad = [f"{k} is {v}" for k, v in scalars.items() if not math.isfinite(v)]
+    if not bad:
+        tensors = [p.detach() for p in params]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            bad.append("a trainable weight is NaN or inf after the update")
+    if bad:
+        raise NonFiniteError(
+            f"{run}: optimizer step {step}: {'; '.join(bad)}. Training stopped; nothing was "
+            f"published and no checkpoint holds a non-finite weight (a relaunch resumes from "
+            f"the last finite one). Lower the learning rate or check the inputs."
+        )
+
+
+def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of `params` to `max_norm` (0: no clipping) and return their total
+    norm before clipping, so every step can check it is finite."""
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 @dataclass

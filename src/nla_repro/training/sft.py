@@ -25,15 +25,16 @@ from nla_repro import config as C
 from nla_repro.io import sha256_file, write_json
 from nla_repro.metrics import MIN_GAPS
 from nla_repro.models import read_base_meta
-from nla_repro.nla import split_pairs, training_pairs
+from nla_repro.nla import read_pairs, split_pairs
 from nla_repro.pipeline import StageParams, code_sha256
-from nla_repro.schemas import LABELS, activations_schema, read_parquet
 from nla_repro.seeds import derive_seed
 from nla_repro.training.run import (
     Resumed,
     Retention,
     StepResult,
     TrainingRun,
+    check_finite,
+    grad_norm,
     new_history,
     provenance,
     run_steps,
@@ -156,11 +157,15 @@ def train(
             loss_sum += out["loss"].item()
             tokens += out["tokens"]
         if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            norm = grad_norm(params, 0.0)
+        check_finite(run.name, step, loss=loss_sum, grad_norm=norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        check_finite(run.name, step, params)
         return StepResult({"loss": loss_sum / cfg.grad_accum, "lr": lr}, tokens)
 
     def save(step: int) -> None:
@@ -251,13 +256,11 @@ def stage_run(
     # Every checkpoint is kept (the release step may be any of them); only the newest keeps
     # its optimizer state.
     run = TrainingRun(name, out_dir, sidecar, Retention(keep_last=None))
-    return run, split_inputs(d_model)
+    return run, split_inputs(d_model, params.extract.layer)
 
 
-def split_inputs(d_model: int) -> dict[str, tuple[list[str], torch.Tensor]]:
+def split_inputs(d_model: int, layer: int) -> dict[str, tuple[list[str], torch.Tensor]]:
     """(explanations, vectors) of each split: the accepted labels joined with their
-    activations, the rows both sft stages and the rl stage train on."""
-    labels = read_parquet(C.LABELS_PATH, LABELS)
-    acts = read_parquet(C.ACTIVATIONS_PATH, activations_schema(d_model))
-    pairs = training_pairs(labels, acts, d_model, f"{C.LABELS_PATH} x {C.ACTIVATIONS_PATH}")
+    activations (extracted at `layer`), the rows both sft stages and the rl stage train on."""
+    _, _, pairs = read_pairs(d_model, layer)
     return {s: split_pairs(pairs, s) for s in ("train", "val", "test")}
