@@ -95,6 +95,13 @@ def test_code_commit_follows_the_code_not_results_commits(tmp_path):
     assert git("rev-parse", "HEAD") != code and code_commit(tmp_path) == code
     (tmp_path / "dvc.lock").write_text("other hashes\n")  # results edits are not code edits
     assert code_commit(tmp_path) == code
+    (tmp_path / "src/nla_repro").mkdir()
+    (tmp_path / "src/nla_repro/__main__.py").write_text("print()\n")  # the CLI: not output code
+    git("add", "-A")
+    git("commit", "-qm", "cli")
+    assert code_commit(tmp_path) == code
+    (tmp_path / "src/nla_repro/__main__.py").write_text("print(1)\n")
+    assert code_commit(tmp_path) == code  # nor dirty
     (tmp_path / "src/stage.py").write_text("x = 2\n")
     assert code_commit(tmp_path) == code + "-dirty"
     assert code_commit(tmp_path / "src").startswith(code)  # from inside the repo too

@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from nla_repro.errors import NlaError
+
 VECTOR_COLUMN = "vector"
 
 
@@ -55,7 +57,30 @@ def write_text(text: str, path: Path | str) -> None:
 
 
 def write_json(data: Any, path: Path | str) -> None:
-    write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", path)
+    """Strict JSON: a NaN or inf anywhere is an error naming the key, never a bare `NaN`
+    (which is not JSON, and which a metrics file must never hold)."""
+    bad = _non_finite(data)
+    if bad is not None:
+        raise NlaError(f"{path}: not written: {bad} is not a finite number")
+    write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n", path)
+
+
+def _non_finite(obj: Any, key: str = "") -> str | None:
+    """Dotted key of the first NaN or inf in `obj`, or None."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return key or "the value"
+    items = (
+        obj.items()
+        if isinstance(obj, dict)
+        else enumerate(obj)
+        if isinstance(obj, list | tuple)
+        else ()
+    )
+    for k, v in items:
+        found = _non_finite(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def write_yaml(data: Any, path: Path | str) -> None:
@@ -98,11 +123,22 @@ def sha256_text(text: str) -> str:
 CODE_PATHS = (":(top)src", ":(top)pyproject.toml")
 
 
+def code_pathspecs() -> tuple[str, ...]:
+    """CODE_PATHS less the modules that cannot change an output (pipeline.NOT_OUTPUT_CODE: the
+    CLI, params parsing, the platform layer, verify), so a commit to those moves no sidecar."""
+    from nla_repro.pipeline import NOT_OUTPUT_CODE  # pipeline imports this module
+
+    return CODE_PATHS + tuple(
+        f":(top,exclude)src/nla_repro/{name}" for name in sorted(NOT_OUTPUT_CODE)
+    )
+
+
 def code_commit(cwd: Path | str = ".") -> str | None:
-    """Newest commit that changed the package code (src/, pyproject.toml) in the repo the stage
-    runs in, with '-dirty' when that code has uncommitted changes; HEAD where no commit touched
-    it. Unlike HEAD it stays put across a commit that only records results (dvc.lock, metrics,
-    README), so rebuilding that commit writes the same sidecars and the same hashes."""
+    """Newest commit that changed the output code (src/ and pyproject.toml, less the modules in
+    pipeline.NOT_OUTPUT_CODE) in the repo the stage runs in, with '-dirty' when that code has
+    uncommitted changes; HEAD where no commit touched it. Unlike HEAD it stays put across a
+    commit that only records results (dvc.lock, metrics, README) or only changes the CLI, so
+    rebuilding that commit writes the same sidecars and the same hashes."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -110,8 +146,9 @@ def code_commit(cwd: Path | str = ".") -> str | None:
         ).stdout.strip()
 
     try:
-        commit = git("log", "-1", "--format=%H", "--", *CODE_PATHS) or git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
+        paths = code_pathspecs()
+        commit = git("log", "-1", "--format=%H", "--", *paths) or git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")

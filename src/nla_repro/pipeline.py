@@ -45,12 +45,13 @@ NOT_OUTPUT_CODE = frozenset(
         "errors.py",
         "pipeline.py",
         "platform.py",
+        "reproducibility.py",
         "secrets.py",
     }
 )
 """Modules stages import that cannot change a stage's output by themselves: package markers,
 the CLI, params parsing and validation (DVC tracks the params' values), error types, this
-module, the platform description and secret redaction. They are not code deps, so editing
+module, the platform description, `verify` and secret redaction. They are not code deps, so editing
 them reruns nothing."""
 
 
