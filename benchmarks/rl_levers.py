@@ -155,7 +155,7 @@ def main() -> dict:
         parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
     params = C.load_params()
     d_model = int(read_base_meta(C.BASE_DIR)["d_model"])
-    inputs = eval_inputs(params.eval, d_model)
+    inputs = eval_inputs(params.eval, d_model, params.extract.layer)
     targets = np.stack(inputs.rows["target"].to_list()).astype(np.float64)
     baselines, _ = baseline_columns(
         targets, inputs.train, inputs.train_families, inputs.pool, inputs.mu

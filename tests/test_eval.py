@@ -584,13 +584,13 @@ def test_eval_stage_writes_rows_metrics_and_plots_that_agree(repo):
 
 def test_a_sample_of_the_split_is_seeded_and_drawn_from_it(repo):
     params = eval_params(rows=3, judge_backend="none", paraphrases=0, samples=0)
-    inputs = S.eval_inputs(params.eval, 32)
+    inputs = S.eval_inputs(params.eval, 32, params.extract.layer)
     labels = pd.read_parquet(C.LABELS_PATH)
     split = labels[labels["split"] == "val"]
     assert len(inputs.rows) == 3 and inputs.split_rows == len(split)
     assert set(inputs.rows["doc_id"]) <= set(split["doc_id"])
     assert len(inputs.rows["doc_id"].unique()) == 3
-    again = S.eval_inputs(params.eval, 32)
+    again = S.eval_inputs(params.eval, 32, params.extract.layer)
     assert again.rows["doc_id"].tolist() == inputs.rows["doc_id"].tolist()  # seeded
 
 
@@ -639,6 +639,17 @@ def test_a_pair_for_another_layer_is_refused(repo, capsys):
     params = eval_params()
     params = replace(params, extract=replace(params.extract, layer=1))
     assert run_stage("eval", params) == 2
+    err = capsys.readouterr().err  # the activations are checked first: they are layer 2
+    assert "activations.parquet: column 'layer' is [2] at row(s) 0, 1" in err
+    assert "params extract.layer is 1" in err
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(C.ACTIVATIONS_PATH)
+    at = table.schema.get_field_index("layer")
+    ones = pa.array([1] * len(table), table.schema.field("layer").type)
+    pq.write_table(table.set_column(at, table.schema.field("layer"), ones), C.ACTIVATIONS_PATH)
+    assert run_stage("eval", params) == 2  # layer-1 vectors, but the pair was trained at 2
     assert "reads layer 2, but extract.layer is 1" in capsys.readouterr().err
 
 

@@ -194,6 +194,12 @@ def test_corrupted_corpus_stops_extract_with_a_clear_error(in_tmp, capsys, kind,
     assert not C.ACTIVATIONS_PATH.exists() and not C.POOL_STATS_PATH.exists()
 
 
+def as_rows(vectors: np.ndarray | pa.Array) -> np.ndarray:
+    if isinstance(vectors, pa.Array):
+        return vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), -1)
+    return np.asarray(vectors, np.float64)
+
+
 def write_activations(path: Path, vectors: np.ndarray | pa.Array) -> None:
     n = len(vectors)
     table = pa.table(
@@ -205,7 +211,7 @@ def write_activations(path: Path, vectors: np.ndarray | pa.Array) -> None:
             "token": ["x"] * n,
             "n_tokens": pa.array([4] * n, pa.int32()),
             "layer": pa.array([2] * n, pa.int32()),
-            "norm": pa.array([1.0] * n, pa.float32()),
+            "norm": pa.array(np.linalg.norm(as_rows(vectors), axis=1), pa.float32()),
             "vector": vectors if isinstance(vectors, pa.Array) else vectors_to_arrow(vectors),
         }
     )

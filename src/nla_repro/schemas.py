@@ -96,6 +96,30 @@ def _vector_checks(d_model: int) -> list[pa.Check]:
     ]
 
 
+MAX_VECTOR_NORM = 1e6
+"""Largest accepted activation norm. Residual-stream norms of the models we know stay below
+1e5 (massive activations included); beyond 1e6 a vector is corrupt or wrongly scaled, and its
+squared norm already loses most float32 precision."""
+NORM_RTOL = 1e-3
+"""Relative agreement required between an activation's `norm` column and its vector."""
+
+
+def _vector_norms(df: pd.DataFrame) -> np.ndarray:
+    return np.array(
+        [np.linalg.norm(np.asarray(v, dtype=np.float64)) for v in df["vector"]], dtype=np.float64
+    )
+
+
+def _norm_matches(df: pd.DataFrame) -> pd.Series:
+    norms = _vector_norms(df)
+    stored = df["norm"].to_numpy(dtype=np.float64)
+    return pd.Series(np.abs(stored - norms) <= NORM_RTOL * np.maximum(norms, 1.0), index=df.index)
+
+
+def _one_length_per_doc(df: pd.DataFrame) -> pd.Series:
+    return df.groupby("doc_id")["n_tokens"].transform("nunique") == 1
+
+
 def activations_schema(d_model: int) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
@@ -108,12 +132,20 @@ def activations_schema(d_model: int) -> pa.DataFrameSchema:
             "layer": pa.Column("int32", pa.Check.ge(0)),
             "norm": pa.Column(
                 "float32",
-                [pa.Check.ge(0), pa.Check(lambda s: np.isfinite(s), error="norm not finite")],
+                [
+                    pa.Check.ge(0),
+                    pa.Check(lambda s: np.isfinite(s), error="norm not finite"),
+                    pa.Check.le(MAX_VECTOR_NORM, error=f"norm above {MAX_VECTOR_NORM:g}"),
+                ],
             ),
             "vector": pa.Column(object, _vector_checks(d_model)),
         },
         checks=[
             pa.Check(lambda df: df["position"] < df["n_tokens"], error="position >= n_tokens"),
+            pa.Check(
+                _norm_matches, error=f"norm differs from the vector's L2 norm (rtol {NORM_RTOL})"
+            ),
+            pa.Check(_one_length_per_doc, error="rows of one doc_id disagree on n_tokens"),
         ],
         unique=["doc_id", "position"],
         name="activations",
@@ -255,6 +287,11 @@ def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: Path | str) ->
 def _describe(cases: pd.DataFrame, schema_name: str, where: Path | str) -> str:
     lines = [f"{where}: does not match the {schema_name} schema"]
     cases = cases.astype({"column": "object", "index": "object"})
+    # pandera reports a failing frame-level check once per column; report it once.
+    if "schema_context" in cases:
+        frame = (cases["schema_context"] == "DataFrameSchema") & cases["check"].notna()
+        framed = cases[frame].assign(column=np.nan).drop_duplicates(["check", "index"])
+        cases = pd.concat([cases[~frame], framed])
     for (column, check), group in cases.groupby(["column", "check"], dropna=False, sort=False):
         if check == "column_in_dataframe":
             missing = ", ".join(repr(c) for c in group["failure_case"])
@@ -273,16 +310,74 @@ def _describe(cases: pd.DataFrame, schema_name: str, where: Path | str) -> str:
     return "\n".join(lines)
 
 
+ARROW_TYPES = {
+    "str": (pa_arrow.string(), pa_arrow.large_string()),
+    "int32": (pa_arrow.int32(),),
+    "int64": (pa_arrow.int64(),),
+    "float32": (pa_arrow.float32(),),
+    "float64": (pa_arrow.float64(),),
+}
+"""Arrow types a stored column may have for each pandera dtype of the schemas."""
+
+
+def check_arrow(table: pa_arrow.Table, schema: pa.DataFrameSchema, where: Path | str) -> None:
+    """What pandas conversion would hide: a column stored with another Arrow type than the
+    schema's (pandas metadata can make `to_pandas` cast it silently) and text that is not
+    valid UTF-8. Errors name the file, the column and the first bad row."""
+    problems = []
+    for name, column in schema.columns.items():
+        if name not in table.column_names:
+            continue  # pandera reports missing columns, all of them at once
+        arrow_type = table.schema.field(name).type
+        allowed = ARROW_TYPES.get(str(column.dtype))
+        if allowed is not None and arrow_type not in allowed:
+            problems.append(
+                f"  column {name!r}: stored as {arrow_type}, expected {allowed[0]} "
+                f"(the schema's {column.dtype}); write it with that type"
+            )
+            continue
+        if pa_arrow.types.is_string(arrow_type) or pa_arrow.types.is_large_string(arrow_type):
+            chunked = table.column(name)
+            try:
+                chunked.validate(full=True)
+            except pa_arrow.ArrowInvalid:
+                problems.append(f"  column {name!r}: {_bad_utf8(chunked)}")
+    if problems:
+        raise DataValidationError(
+            f"{where}: does not match the {schema.name} schema\n" + "\n".join(problems)
+        )
+
+
+def _bad_utf8(chunked: pa_arrow.ChunkedArray) -> str:
+    rows, offset = [], 0
+    for chunk in chunked.chunks:
+        for i, value in enumerate(chunk.cast(pa_arrow.binary()).to_pylist()):
+            try:
+                value is None or value.decode("utf-8")
+            except UnicodeDecodeError:
+                rows.append(offset + i)
+        offset += len(chunk)
+    shown = ", ".join(map(str, rows[:MAX_ROWS_SHOWN]))
+    more = f" and {len(rows) - MAX_ROWS_SHOWN} more" if len(rows) > MAX_ROWS_SHOWN else ""
+    return f"not valid UTF-8 at row(s) {shown}{more}"
+
+
 def read_parquet(path: Path | str, schema: pa.DataFrameSchema) -> pd.DataFrame:
-    """Read a stage input and validate it; errors name the file."""
+    """Read a stage input and validate it; errors name the file (and column and rows)."""
     path = Path(path)
     if not path.exists():
         raise DataValidationError(f"{path}: not found (has the stage that writes it run?)")
+    if not path.is_file():
+        raise DataValidationError(f"{path}: not a file")
     try:
         table = pq.read_table(path)
-    except (OSError, pa_arrow.ArrowInvalid) as err:
+    except (OSError, pa_arrow.ArrowException) as err:
         raise DataValidationError(f"{path}: not a readable parquet file: {err}") from None
-    return validate(table.to_pandas(), schema, path)
+    check_arrow(table, schema, path)
+    if table.num_rows == 0:
+        raise DataValidationError(f"{path}: has no rows (the {schema.name} schema needs one)")
+    # The Arrow types were checked above; pandas metadata must not re-type anything.
+    return validate(table.to_pandas(ignore_metadata=True), schema, path)
 
 
 # --- data/eval/rows.parquet: vectors as fixed-size float32 lists, the metric inputs in the

@@ -19,7 +19,7 @@ from nla_repro.nla.injection import (
     mean_embedding_norm,
 )
 from nla_repro.nla.loading import load_ar, load_av
-from nla_repro.nla.pairs import shuffled, split_pairs, training_pairs
+from nla_repro.nla.pairs import read_pairs, shuffled, split_pairs, training_pairs
 from nla_repro.nla.reconstructor import HEAD_FILE, ActivationReconstructor, build_ar
 from nla_repro.nla.verbalizer import (
     PREFIX_FILE,
@@ -48,6 +48,7 @@ __all__ = [
     "load_av",
     "lora",
     "mean_embedding_norm",
+    "read_pairs",
     "save_adapter",
     "shuffled",
     "split_pairs",

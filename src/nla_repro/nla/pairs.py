@@ -6,8 +6,29 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nla_repro import config as C
 from nla_repro.errors import DataValidationError
-from nla_repro.schemas import pairs_schema, validate
+from nla_repro.schemas import LABELS, activations_schema, pairs_schema, read_parquet, validate
+
+
+def read_pairs(d_model: int, layer: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(labels, activations, training pairs) as every NLA stage reads them: both files
+    validated, the activations checked to come from `layer` (params extract.layer: data
+    extracted at another layer would otherwise train and be published as this one)."""
+    labels = read_parquet(C.LABELS_PATH, LABELS)
+    acts = read_parquet(C.ACTIVATIONS_PATH, activations_schema(d_model))
+    wrong = np.flatnonzero(acts["layer"].to_numpy() != layer)
+    if len(wrong):
+        found = sorted(set(acts["layer"].iloc[wrong].tolist()))
+        raise DataValidationError(
+            f"{C.ACTIVATIONS_PATH}: column 'layer' is {found} at row(s) "
+            f"{', '.join(map(str, wrong[:8].tolist()))}"
+            f"{f' and {len(wrong) - 8} more' if len(wrong) > 8 else ''}, but params "
+            f"extract.layer is {layer}: rerun extract (`dvc repro extract`) or set "
+            f"extract.layer to the layer the file was extracted at"
+        )
+    pairs = training_pairs(labels, acts, d_model, f"{C.LABELS_PATH} x {C.ACTIVATIONS_PATH}")
+    return labels, acts, pairs
 
 
 def training_pairs(
@@ -17,6 +38,13 @@ def training_pairs(
     (the document's last extracted token), validated against the pairs schema."""
     usable = labels[labels["status"] != "rejected"]
     last = activations[activations["position"] == activations["n_tokens"] - 1]
+    twice = last["doc_id"].duplicated(keep=False).to_numpy()
+    if twice.any():
+        raise DataValidationError(
+            f"{where}: {int(twice.sum())} activation rows claim the last token of the same "
+            f"document (column doc_id {last['doc_id'][twice].iloc[0]!r}, activation rows "
+            f"{last.index[twice].tolist()[:8]}): a document has one last token"
+        )
     merged = usable.merge(
         last[["doc_id", "position", "vector"]], on="doc_id", how="left", validate="one_to_one"
     )

@@ -36,17 +36,14 @@ from nla_repro.evaluation.suite import clean_json, compute_metrics
 from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
 from nla_repro.labeling.judge import judge_backends
 from nla_repro.models import read_base_meta
-from nla_repro.nla import load_ar, load_av, shuffled, training_pairs
+from nla_repro.nla import load_ar, load_av, read_pairs, shuffled
 from nla_repro.pipeline import StageParams, code_sha256, stage_view
 from nla_repro.plots import eval_plots, rl_comparison_plot
 from nla_repro.schemas import (
-    LABELS,
-    activations_schema,
     eval_rows_from_arrow,
     eval_rows_schema,
     eval_rows_to_arrow,
     read_eval_rows,
-    read_parquet,
     validate,
 )
 from nla_repro.seeds import derive_seed
@@ -85,13 +82,11 @@ class EvalInputs:
     """Labeled rows of the split, of which `rows` is a sample (or all)."""
 
 
-def eval_inputs(cfg: C.EvalConfig, d_model: int) -> EvalInputs:
+def eval_inputs(cfg: C.EvalConfig, d_model: int, layer: int) -> EvalInputs:
     """The evaluated rows: a seeded random sample of the split's labeled rows stratified by
     source family (all of them when eval.rows is 0), in a seeded random order; and the pools
     the anchors and baselines are computed from."""
-    labels = read_parquet(C.LABELS_PATH, LABELS)
-    acts = read_parquet(C.ACTIVATIONS_PATH, activations_schema(d_model))
-    pairs = training_pairs(labels, acts, d_model, f"{C.LABELS_PATH} x {C.ACTIVATIONS_PATH}")
+    labels, acts, pairs = read_pairs(d_model, layer)
     split = pairs[pairs["split"] == cfg.split].merge(
         labels[["doc_id", "source_family", "text"]], on="doc_id", how="left"
     )
@@ -224,7 +219,7 @@ def run(
     }
     base_meta = read_base_meta(C.BASE_DIR)
     d_model = int(base_meta["d_model"])
-    inputs = eval_inputs(cfg, d_model)
+    inputs = eval_inputs(cfg, d_model, params.extract.layer)
     rows, mu = inputs.rows, inputs.mu
     avs, ars = load_models(params, p)
     judge_b, paraphraser = judge_backends(cfg, params.base, C.BASE_DIR)

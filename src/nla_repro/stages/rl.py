@@ -63,7 +63,7 @@ def build(params: C.Params, cfg: C.RLConfig) -> tuple[GRPOTrainer, dict, dict]:
     ar = build_ar(ar_model, ar_tokenizer, template, params.ar, params.ar_layers)
     ar.load(C.AR_DIR)
     # The same pairs and splits the sft stages trained on: RL reads only their vectors.
-    pairs = split_inputs(int(read_base_meta(C.BASE_DIR)["d_model"]))
+    pairs = split_inputs(int(read_base_meta(C.BASE_DIR)["d_model"]), params.extract.layer)
     train_vectors = pairs["train"][1]
     val_vectors = pairs["val"][1][: cfg.val_rows or None]
     if not len(train_vectors):
