@@ -32,7 +32,7 @@ def previous_release(root: Path | str = ".") -> tuple[str | None, dict[str, dict
     head = (git("rev-parse", "HEAD") or "").strip()
     tags = (git("tag", "--merged", "HEAD", "--sort=-v:refname") or "").split()
     for tag in tags:
-        if not VERSION_TAG.match(tag):
+        if not VERSION_TAG.fullmatch(tag):
             continue
         if (git("rev-list", "-n", "1", tag) or "").strip() == head:
             continue

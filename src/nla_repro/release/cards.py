@@ -54,7 +54,8 @@ def card_plots(kind: str, root: Path) -> list[Path]:
     return CARD_PLOTS[kind] + [p for p in OPTIONAL_PLOTS[kind] if (root / p).exists()]
 
 
-VERSION_TAG = re.compile(r"^v\d+\.\d+\.(\d+|dd)$")
+VERSION_TAG = re.compile(r"v\d+\.\d+\.(\d+|dd)")
+"""A release version; match it with `fullmatch` (a `$` would accept a trailing newline)."""
 
 
 class CardError(NlaError):

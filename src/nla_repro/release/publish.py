@@ -20,7 +20,7 @@ from typing import Any
 
 from nla_repro import config as C
 from nla_repro.errors import NlaError
-from nla_repro.evaluation.registry import SOURCES
+from nla_repro.evaluation.registry import SOURCES, bar_rows
 from nla_repro.io import atomic_path, sha256_file, write_text, write_yaml
 from nla_repro.release import cards
 from nla_repro.secrets import get_secret, redact
@@ -61,9 +61,17 @@ class Plan:
     """kind -> repo id."""
     folders: dict[str, Path] = field(default_factory=dict)
     files: dict[str, list[StagedFile]] = field(default_factory=dict)
+    missed_bars: list[str] = field(default_factory=list)
+    """The NLA quality bars this build misses (name, value, bar), said before any upload."""
 
     def describe(self) -> str:
         lines = [f"release {self.version} of commit {self.commit[:12]}:"]
+        if self.missed_bars:
+            lines.append(
+                f"  WARNING: this build MISSES {len(self.missed_bars)} NLA quality bar(s); the "
+                f"cards say so and the release record lists them:"
+            )
+            lines += [f"    - {bar}" for bar in self.missed_bars]
         for kind, repo in self.repos.items():
             files = self.files[kind]
             total = sum(f.size for f in files)
@@ -85,7 +93,7 @@ def preflight(version: str, root: Path | str = ".") -> str:
     listing every problem and what to do about it."""
     root = Path(root)
     problems = []
-    if not cards.VERSION_TAG.match(version):
+    if not cards.VERSION_TAG.fullmatch(version):
         problems.append(f"version {version!r} is not of the form vMAJOR.MINOR.PATCH (v0.1.00)")
     head = _git(root, "rev-parse", "HEAD")
     if head.returncode != 0:
@@ -155,11 +163,14 @@ def stage(
     names = cards.repo_names(params, inputs.sidecars["av"]["base_model"])
     repos = {kind: f"{org}/{name}" for kind, name in names.items()}
     out = Path(dist) if dist is not None else root / C.DIST_DIR / version
+    missed = [r for r in bar_rows(inputs.metrics) if r["met"] == "NO"]
     plan = Plan(version, commit, private, repos)
+    plan.missed_bars = [f"{r['name']}: {r['value']} (bar {r['target']})" for r in missed]
     # Hashed once for all three folders (the parquets can be large).
     record = {
         "version": version,
         "git_commit": commit,
+        "quality_bars_missed": [r["key"] for r in missed],
         "dvc_lock_sha256": sha256_file(root / "dvc.lock"),
         "inputs_sha256": {
             str(p): sha256_file(root / p) for p in INPUT_PARQUETS if (root / p).exists()
@@ -286,8 +297,10 @@ def release(
 ) -> Plan:
     """Preflight, stage, print the plan; with do_push upload, tag on the Hub and tag git."""
     root = Path(root)
+    org = params.card.org if org is None else org
+    C.check_hub_name(org, "--org", "Hub user/org name")
     commit = preflight(version, root)
-    plan = stage(params, version, commit, org or params.card.org, private, root)
+    plan = stage(params, version, commit, org, private, root)
     log(plan.describe())
     if not do_push:
         log("dry run: nothing was uploaded; add --push to create the repos and upload")
