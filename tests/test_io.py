@@ -108,3 +108,29 @@ def test_code_commit_follows_the_code_not_results_commits(tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}-not-a-repo"
     outside.mkdir()
     assert code_commit(outside) is None
+
+
+def test_code_commit_follows_the_code_deps_dvc_yaml_declares(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/stage.py").write_text("x = 1\n")
+    (tmp_path / "src/release.py").write_text("y = 1\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: run\n    deps:\n    - src/stage.py\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    code = git("rev-parse", "HEAD")
+    (tmp_path / "src/release.py").write_text("y = 2\n")  # no stage runs it
+    git("commit", "-qam", "release code")
+    assert code_commit(tmp_path) == code
+    (tmp_path / "src/stage.py").write_text("x = 2\n")
+    git("commit", "-qam", "stage code")
+    assert code_commit(tmp_path) == git("rev-parse", "HEAD")

@@ -123,22 +123,35 @@ def sha256_text(text: str) -> str:
 CODE_PATHS = (":(top)src", ":(top)pyproject.toml")
 
 
-def code_pathspecs() -> tuple[str, ...]:
-    """CODE_PATHS less the modules that cannot change an output (pipeline.NOT_OUTPUT_CODE: the
-    CLI, params parsing, the platform layer, verify), so a commit to those moves no sidecar."""
-    from nla_repro.pipeline import NOT_OUTPUT_CODE  # pipeline imports this module
+def code_pathspecs(top: Path) -> tuple[str, ...]:
+    """The files of repo `top` whose change can change an output: the code deps its dvc.yaml
+    declares for the stages (under src/), and pyproject.toml (the dependency pins). Without a
+    dvc.yaml: CODE_PATHS less the modules in pipeline.NOT_OUTPUT_CODE (the CLI, params
+    parsing, the platform layer)."""
+    from nla_repro import pipeline  # pipeline imports this module
 
+    code = set()
+    if (top / "dvc.yaml").is_file():
+        stages = (yaml.safe_load((top / "dvc.yaml").read_text()) or {}).get("stages") or {}
+        for stage in stages.values():
+            for dep in stage.get("deps", []):
+                dep = dep if isinstance(dep, str) else next(iter(dep))
+                if dep.startswith("src/"):
+                    code.add(f":(top){dep}")
+    if code:
+        return (*sorted(code), ":(top)pyproject.toml")
     return CODE_PATHS + tuple(
-        f":(top,exclude)src/nla_repro/{name}" for name in sorted(NOT_OUTPUT_CODE)
+        f":(top,exclude){pipeline.PACKAGE_PREFIX}{name}"
+        for name in sorted(pipeline.NOT_OUTPUT_CODE)
     )
 
 
 def code_commit(cwd: Path | str = ".") -> str | None:
-    """Newest commit that changed the output code (src/ and pyproject.toml, less the modules in
-    pipeline.NOT_OUTPUT_CODE) in the repo the stage runs in, with '-dirty' when that code has
-    uncommitted changes; HEAD where no commit touched it. Unlike HEAD it stays put across a
-    commit that only records results (dvc.lock, metrics, README) or only changes the CLI, so
-    rebuilding that commit writes the same sidecars and the same hashes."""
+    """Newest commit that changed code a stage runs (code_pathspecs) in the repo the stage
+    runs in, with '-dirty' when that code has uncommitted changes; HEAD where no commit
+    touched it. Unlike HEAD it stays put across a commit that only records results (dvc.lock,
+    metrics, README) or changes only the CLI, release or verify code, so rebuilding that
+    commit writes the same sidecars and the same hashes."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -146,7 +159,7 @@ def code_commit(cwd: Path | str = ".") -> str | None:
         ).stdout.strip()
 
     try:
-        paths = code_pathspecs()
+        paths = code_pathspecs(Path(git("rev-parse", "--show-toplevel")))
         commit = git("log", "-1", "--format=%H", "--", *paths) or git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     except (OSError, subprocess.CalledProcessError):
