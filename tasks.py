@@ -34,19 +34,67 @@ def setup(c: Context, cuda: bool = False) -> None:
     c.run("python -m nla_repro configure")
 
 
+BUILD_RECORD = Path("metrics/build.json")  # nla_repro.reproducibility.BUILD_RECORD
+
+
+def pinned_threads() -> int:
+    """The torch thread count every stage of the published build ran with."""
+    import json
+
+    if not BUILD_RECORD.is_file():
+        raise Exit(f"{BUILD_RECORD} not found: no published build to match", code=2)
+    stages = json.loads(BUILD_RECORD.read_text()).get("stages", {})
+    counts = {entry.get("torch_threads") for entry in stages.values()}
+    if len(counts) != 1 or not isinstance(next(iter(counts)), int):
+        raise Exit(f"{BUILD_RECORD}: the stages ran with thread counts {counts}", code=2)
+    return counts.pop()
+
+
 @task(
     help={
         "profile": "params profile to apply first (default, smoke, gemma-4-e2b-v0.1.dd); "
         "omit to run with params.yaml as it is",
         "stage": "reproduce only this stage and what it depends on",
         "force": "rerun stages even if DVC finds them up to date",
+        "deterministic": "run with the torch thread count the published build used "
+        "(metrics/build.json), for the exact tier: the same bytes as dvc.lock",
     }
 )
-def repro(c: Context, profile: str = "", stage: str = "", force: bool = False) -> None:
-    """Rebuild the pipeline with `dvc repro`, optionally after applying a params profile."""
+def repro(
+    c: Context, profile: str = "", stage: str = "", force: bool = False, deterministic: bool = False
+) -> None:
+    """Rebuild the pipeline with `dvc repro`, optionally after applying a params profile.
+
+    Afterwards `invoke verify` says which published numbers the rebuild reproduced.
+    """
     if profile:
-        c.run(f"python -m nla_repro profile {profile}")
-    c.run(" ".join(["dvc repro", "--force" if force else "", stage]).strip())
+        c.run(f"python -m nla_repro profile {shlex.quote(profile)}")
+    env = {}
+    if deterministic:
+        threads = str(pinned_threads())
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        print(f"deterministic: {threads} torch thread(s), as {BUILD_RECORD} records")
+    args = ["dvc repro", "--force" if force else "", shlex.quote(stage) if stage else ""]
+    c.run(" ".join(a for a in args if a), env=env)
+
+
+@task(
+    help={
+        "against": "git ref holding the published numbers (default HEAD)",
+        "release": "compare with a release tag instead, e.g. v0.1.00",
+        "all_numbers": "list every number, not only the headline ones and the misses",
+    }
+)
+def verify(c: Context, against: str = "", release: str = "", all_numbers: bool = False) -> None:
+    """Compare the rebuilt metrics with the published ones: a table and a verdict by tier."""
+    args = ["python -m nla_repro verify"]
+    if against:
+        args.append(f"--against {shlex.quote(against)}")
+    if release:
+        args.append(f"--release {shlex.quote(release)}")
+    if all_numbers:
+        args.append("--all")
+    c.run(" ".join(args))
 
 
 @task(help={"k": "only tests matching this pytest -k expression", "fast": "skip slow e2e tests"})
@@ -54,7 +102,7 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
     """Run the test suite."""
     args = ["python3 -m pytest"]
     if k:
-        args.append(f"-k {k!r}")
+        args.append(f"-k {shlex.quote(k)}")
     if fast:
         args.append("-m 'not slow'")
     c.run(" ".join(args))

@@ -1,11 +1,13 @@
 """The repository's own promises: README commands, CI, DVC setup, stage wiring, tasks."""
 
 import configparser
+import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
-from invoke import MockContext, Result
+from invoke import Exit, MockContext, Result
 
 import tasks
 from nla_repro import config as C
@@ -131,9 +133,40 @@ def test_repro_task_applies_the_profile_then_runs_dvc():
 
 
 def test_test_task_passes_filters():
-    ctx = MockContext(run={"python3 -m pytest -k 'config' -m 'not slow'": Result()})
-    tasks.test(ctx, k="config", fast=True)  # MockContext raises on any other command
+    ctx = MockContext(run={"python3 -m pytest -k 'config and not x' -m 'not slow'": Result()})
+    tasks.test(ctx, k="config and not x", fast=True)  # MockContext raises on any other command
     assert ctx.run.call_count == 1
+
+
+def test_tasks_quote_what_they_pass_to_the_shell():
+    hostile = "smoke; touch /tmp/pwned"
+    ctx = MockContext(
+        run={
+            "python -m nla_repro profile 'smoke; touch /tmp/pwned'": Result(),
+            "dvc repro 'eval $(id)'": Result(),
+        }
+    )
+    tasks.repro(ctx, profile=hostile, stage="eval $(id)")
+    assert ctx.run.call_count == 2
+    ctx = MockContext(run={"python -m nla_repro verify --against 'v1 && id'": Result()})
+    tasks.verify(ctx, against="v1 && id")
+    assert ctx.run.call_count == 1
+
+
+def test_deterministic_repro_pins_the_recorded_thread_count(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ctx = MockContext(run={"dvc repro": Result()})
+    with pytest.raises(Exit, match=r"build\.json not found"):
+        tasks.repro(ctx, deterministic=True)
+    (tmp_path / "metrics").mkdir()
+    record = {"stages": {"base": {"torch_threads": 1}, "eval": {"torch_threads": 1}}}
+    (tmp_path / "metrics/build.json").write_text(json.dumps(record))
+    tasks.repro(ctx, deterministic=True)
+    assert ctx.run.call_args.kwargs["env"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    record["stages"]["eval"]["torch_threads"] = 2  # no one count to pin: refuse, say which
+    (tmp_path / "metrics/build.json").write_text(json.dumps(record))
+    with pytest.raises(Exit, match=r"thread counts \{1, 2\}"):
+        tasks.repro(ctx, deterministic=True)
 
 
 def test_each_stage_declares_exactly_its_import_closure_as_code_deps():

@@ -6,6 +6,7 @@ dvc.yaml calls only this. `python -m nla_repro profile NAME` writes params.yaml 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -18,10 +19,13 @@ from nla_repro import config as C
 from nla_repro.errors import NlaError
 from nla_repro.schemas import read_parquet, schema_for
 
+VERIFY_REPORT = C.WORK_DIR / "verify.json"
 STAGES = ("base", "corpus", "label", "extract", "sft_av", "sft_ar", "rl", "sae", "eval", "card")
 
 
-def record_stage_time(stage: str, profile: str, started: float, timing: dict | None) -> None:
+def record_stage_time(
+    stage: str, profile: str, started: float, timing: dict | None, device: str = "cpu"
+) -> None:
     """Append the wall time of a finished stage, and the training throughput it reports as
     `timing`, to STAGE_TIMES (kept out of every DVC output: a timing in a tracked file would
     change its hash on every rebuild)."""
@@ -31,6 +35,7 @@ def record_stage_time(stage: str, profile: str, started: float, timing: dict | N
     import torch
 
     from nla_repro.platform import peak_rss_mb
+    from nla_repro.reproducibility import machine_row
 
     row = {
         "stage": stage,
@@ -40,12 +45,79 @@ def record_stage_time(stage: str, profile: str, started: float, timing: dict | N
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        **machine_row(),
+        "device": device,
         "peak_rss_mb": peak_rss_mb(),
         **(timing or {}),
     }
     C.STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
     with C.STAGE_TIMES.open("a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def run_stage(args: argparse.Namespace) -> None:
+    """One stage, guarded: it says which reproducibility tier it runs in, refuses to start
+    while another live process runs it, stops cleanly on SIGTERM or when the `dvc repro` that
+    started it dies, and keeps a copy of its uncached outputs once it succeeds."""
+    from nla_repro import pipeline, platform
+    from nla_repro.reproducibility import _device, tier_line
+
+    params = C.load_params(args.params)
+    stage = importlib.import_module(f"nla_repro.stages.{args.command}")
+    pipeline_run = args.command != "eval" or args.out is None  # `eval --out` is a side run
+    log = logging.getLogger("nla_repro")
+    if pipeline_run:
+        log.info("%s: %s", args.command, tier_line(args.command, params))
+    platform.raise_on_sigterm()
+    platform.exit_with_parent()
+    # A side run (`eval --out DIR`) writes only under DIR: it needs no lock of the stage.
+    lock = platform.stage_lock(args.command) if pipeline_run else contextlib.nullcontext()
+    with lock:
+        started = time.time()
+        if args.command == "eval":
+            result = stage.run(params, av_path=args.av, ar_path=args.ar, out_dir=args.out)
+        else:
+            result = stage.run(params)
+        timing = result.get("timing") if isinstance(result, dict) else None
+        record_stage_time(args.command, params.profile, started, timing, _device(params))
+        if pipeline_run:
+            pipeline.keep_last_good(args.command)
+
+
+def verify(args: argparse.Namespace) -> int:
+    from nla_repro import reproducibility as R
+
+    params = C.load_params(args.params)
+    if args.pin:
+        record = R.pin(params)
+        print(f"wrote {R.BUILD_RECORD}: {len(record['stages'])} stages of profile {params.profile}")
+        return 0
+    report = R.compare(params, R.resolve_ref(args.against, args.release))
+    print(R.render(report, everything=args.all))
+    from nla_repro.io import write_json
+
+    write_json(
+        {
+            **report.summary(),
+            "leaves": [
+                {
+                    "file": leaf.file,
+                    "path": leaf.path,
+                    "published": leaf.published,
+                    "rebuilt": leaf.rebuilt,
+                    "tier": leaf.tier,
+                    "tolerance": leaf.tolerance,
+                    "headline": leaf.headline,
+                    "reproduced": leaf.reproduced,
+                }
+                for leaf in report.leaves
+                if R.is_number(leaf.published) or R.is_number(leaf.rebuilt)
+            ],
+        },
+        VERIFY_REPORT,
+    )
+    print(f"every number: {VERIFY_REPORT}")
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("configure", help="apply this platform's settings (Windows: DVC cache copy)")
     p = sub.add_parser("kill", help="kill a process and all its children (a stuck stage)")
     p.add_argument("pid", type=int)
+    p = sub.add_parser(
+        "verify", help="did the rebuild reproduce the published numbers? (table, exit code)"
+    )
+    p.add_argument("--against", help="git ref holding the published numbers (default HEAD)")
+    p.add_argument("--release", help="compare with a release tag, e.g. v0.1.00")
+    p.add_argument("--all", action="store_true", help="list every number, not only headlines")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="record this build as the published one in metrics/build.json (BUILD_RECORD)",
+    )
+    p.add_argument("--params", type=Path, default=C.PARAMS_FILE)
+    p = sub.add_parser(
+        "restore", help="put back uncached outputs (metrics, sidecars) a failed stage deleted"
+    )
+    p.add_argument("stages", nargs="*", help="stages (default: all)")
     p = sub.add_parser("validate", help="check a stage parquet against its schema")
     p.add_argument("path", type=Path, help="e.g. data/corpus.parquet, data/activations.parquet")
     p.add_argument("--d-model", type=int, help="vector width (default: from models/base)")
@@ -120,19 +208,24 @@ def main(argv: list[str] | None = None) -> int:
 
             params = C.load_params(args.params)
             release(params, args.version, args.org, args.push, private=not args.public)
+        elif args.command == "verify":
+            return verify(args)
+        elif args.command == "restore":
+            from nla_repro.pipeline import restore_outputs
+
+            restored = restore_outputs(args.stages or None)
+            for out, source, matches in restored:
+                state = {True: "matches dvc.lock", False: "differs from dvc.lock", None: ""}
+                print(f"restored {out} from {source} {state[matches]}".rstrip())
+            if not restored:
+                print("nothing to restore: every uncached output is in place")
+            if any(source.startswith("nowhere") for _, source, _ in restored):
+                return 1
         elif args.command == "validate":
             df = read_parquet(args.path, schema_for(args.path, args.d_model))
             print(f"{args.path}: {len(df)} rows match the schema")
         else:
-            params = C.load_params(args.params)
-            stage = importlib.import_module(f"nla_repro.stages.{args.command}")
-            started = time.time()
-            if args.command == "eval":
-                result = stage.run(params, av_path=args.av, ar_path=args.ar, out_dir=args.out)
-            else:
-                result = stage.run(params)
-            timing = result.get("timing") if isinstance(result, dict) else None
-            record_stage_time(args.command, params.profile, started, timing)
+            run_stage(args)
     except NlaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

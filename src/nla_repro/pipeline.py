@@ -101,6 +101,50 @@ def stage_spec(name: str) -> StageSpec:
     return StageSpec(name, code, tuple(params))
 
 
+def _stages() -> dict:
+    path = dvc_file()
+    if path is None:
+        raise NlaError("no dvc.yaml here or in the checkout the package runs from")
+    return _read_stages(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+def stage_names() -> list[str]:
+    """The stages of dvc.yaml, in file order (upstream first)."""
+    return list(_stages())
+
+
+def stage_outs(name: str) -> dict[str, bool]:
+    """Every output path of stage `name` (outs, metrics, plots) and whether DVC caches it."""
+    stage = _stages().get(name)
+    if stage is None:
+        raise NlaError(f"dvc.yaml: no stage {name!r} (stages: {', '.join(_stages())})")
+    outs = {}
+    for kind in ("outs", "metrics", "plots"):
+        for entry in stage.get(kind, []):
+            if isinstance(entry, dict):
+                (out, opts), *_ = entry.items()
+                outs[out] = bool((opts or {}).get("cache", True))
+            else:
+                outs[entry] = True
+    return outs
+
+
+def upstream(name: str) -> list[str]:
+    """Stage `name` and every stage whose outputs it reads, directly or not (file order)."""
+    stages = _stages()
+    producer = {out: s for s in stages for out in stage_outs(s)}
+    todo, seen = [name], {name}
+    while todo:
+        stage = stages[todo.pop()]
+        for dep in stage.get("deps", []):
+            dep = dep if isinstance(dep, str) else next(iter(dep))
+            for out, s in producer.items():
+                if s not in seen and (dep == out or dep.startswith(out.rstrip("/") + "/")):
+                    seen.add(s)
+                    todo.append(s)
+    return [s for s in stages if s in seen]
+
+
 def code_sha256(name: str) -> dict[str, str]:
     """sha256 of each code dep of stage `name`, keyed by its package-relative path, from the
     package that runs (every package file when dvc.yaml is not known)."""
@@ -261,3 +305,77 @@ def _module_file(name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+# --- The outputs DVC does not cache ----------------------------------------------------------
+
+LAST_GOOD = Path(".nla_work/last_good")
+"""Copies of each stage's `cache: false` outputs from its last successful run. DVC deletes a
+stage's outputs before running it and keeps no copy of these, so without this a failed rerun
+would leave them deleted; `python -m nla_repro restore` puts them back."""
+
+
+def uncached_outs(name: str) -> list[str]:
+    return [out for out, cached in stage_outs(name).items() if not cached]
+
+
+def keep_last_good(name: str, root: Path = LAST_GOOD) -> list[str]:
+    """After stage `name` succeeded: copy its uncached outputs under `root` (temp name, then
+    rename, so an interrupted copy never replaces a good one)."""
+    import os
+    import shutil
+
+    kept = []
+    for out in uncached_outs(name):
+        src, dst = Path(out), root / out
+        if not src.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copy2(src, tmp)
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+        kept.append(out)
+    return kept
+
+
+def restore_outputs(names: list[str] | None = None, root: Path = LAST_GOOD) -> list[tuple]:
+    """Put back every missing uncached output of `names` (default: every stage) from its last
+    good copy, else from git HEAD. Returns (path, source, md5 matches dvc.lock: bool | None)
+    per output restored; outputs that exist are left alone."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    lock = {}
+    if Path("dvc.lock").is_file():
+        stages = (yaml.safe_load(Path("dvc.lock").read_text()) or {}).get("stages") or {}
+        lock = {o["path"]: o.get("md5") for e in stages.values() for o in e.get("outs", [])}
+    done = []
+    for name in names or stage_names():
+        for out in uncached_outs(name):
+            path, copy = Path(out), root / out
+            if path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if copy.is_file():
+                shutil.copy2(copy, path)
+                source = f"{copy} (the last successful {name} run)"
+            elif copy.is_dir():
+                shutil.copytree(copy, path)
+                source = f"{copy} (the last successful {name} run)"
+            else:
+                shown = subprocess.run(["git", "show", f"HEAD:{out}"], capture_output=True)
+                if shown.returncode != 0:
+                    done.append((out, "nowhere: no last good copy and not in git HEAD", None))
+                    continue
+                path.write_bytes(shown.stdout)
+                source = "git HEAD"
+            md5 = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
+            done.append((out, source, None if out not in lock else md5 == lock[out]))
+    return done

@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from nla_repro.errors import SourceError
+from nla_repro.errors import NlaError, SourceError
 from nla_repro.secrets import SECRET_ENV_VARS
 
 
@@ -242,3 +242,156 @@ def configure_commands(system: str | None = None) -> list[list[str]]:
     if cache_type is None:
         return []
     return [[resolve_cli("dvc"), "config", "--local", "cache.type", cache_type]]
+
+
+# --- One live process per stage --------------------------------------------------------------
+
+LOCK_DIR = Path(".nla_work/locks")
+"""Where a running stage records that it owns its outputs (one JSON file per stage)."""
+SHELLS = frozenset({"sh", "bash", "dash", "zsh"})
+"""Parents that only run the stage command (DVC's `sh -c`): the stage watches their parent too."""
+
+
+class StageBusyError(NlaError):
+    """Another live process is running the same stage and writing its outputs."""
+
+
+class StageInterrupted(NlaError):
+    """The stage got SIGTERM (a kill, or its parent went away) and stopped before finishing."""
+
+
+def _process_start(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _owner_alive(owner: dict) -> bool:
+    """Whether the process a lock names still runs (same pid and start time, so a reused pid
+    is not mistaken for it). A lock from another host is taken as alive: it cannot be checked."""
+    if owner.get("host") != _platform.node():
+        return True
+    started = _process_start(int(owner.get("pid", -1)))
+    return started is not None and abs(started - float(owner.get("started", 0))) < 1.0
+
+
+@contextlib.contextmanager
+def stage_lock(stage: str, lock_dir: Path = LOCK_DIR):
+    """Hold `lock_dir/<stage>.lock` while the stage runs. A live owner makes this raise
+    StageBusyError naming its pid (a second trainer would write the same outputs); a lock whose
+    process is gone (killed with SIGKILL, machine rebooted) is reported and taken over."""
+    import json
+    import logging
+    import sys
+    import time
+
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"{stage}.lock"
+    me = {
+        "pid": os.getpid(),
+        "started": _process_start(os.getpid()),
+        "host": _platform.node(),
+        "argv": sys.argv,
+        "since_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                owner = {}  # half-written by a process killed at that instant: stale
+            if owner and _owner_alive(owner):
+                pid = owner.get("pid")
+                raise StageBusyError(
+                    f"stage {stage} is already running: process {pid} on {owner.get('host')} "
+                    f"(since {owner.get('since_utc')}, {' '.join(owner.get('argv', []))}) holds "
+                    f"{path} and writes this stage's outputs. Wait for it, or stop it with "
+                    f"`python -m nla_repro kill {pid}` and run again."
+                ) from None
+            logging.getLogger("nla_repro").warning(
+                "%s: process %s is gone (killed?); taking over its stale lock",
+                path,
+                owner.get("pid", "?"),
+            )
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise StageBusyError(f"{path}: could not take the lock (another process keeps taking it)")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into StageInterrupted in the main thread, so a killed stage unwinds like an
+    error: temporary outputs are removed, checkpoints stay for the resume, and the CLI exits
+    non-zero with one line instead of dying mid-write."""
+
+    def handler(signum, frame):
+        raise StageInterrupted(
+            "stopped by SIGTERM (killed, or the process that started it ended); finished "
+            "outputs are untouched and a rerun resumes from the last checkpoint"
+        )
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def watched_parents() -> list:
+    """The processes whose end should end this stage: the parent and, when the parent is only
+    a shell running the command (DVC runs `sh -c`), the shell's parent too."""
+    import psutil
+
+    chain, proc = [], psutil.Process(os.getpid())
+    for _ in range(2):
+        proc = proc.parent()
+        if proc is None or proc.pid <= 1:
+            break
+        chain.append(proc)
+        if proc.name() not in SHELLS:
+            break
+    return chain
+
+
+def exit_with_parent(interval_s: float = 2.0) -> bool:
+    """When this stage runs under DVC (DVC_STAGE set) or NLA_EXIT_WITH_PARENT=1, watch its
+    parent in a daemon thread and SIGTERM this process once the parent is gone: killing
+    `dvc repro` with SIGKILL must not leave a trainer running, re-parented to init. Returns
+    whether it watches (a stage started by hand under nohup keeps running)."""
+    import threading
+
+    if not (os.environ.get("DVC_STAGE") or os.environ.get("NLA_EXIT_WITH_PARENT") == "1"):
+        return False
+    if _platform.system() == "Windows":
+        return False  # no SIGTERM delivery to self; the Job Object of `kill` covers Windows
+    parents = watched_parents()
+    if not parents:
+        return False
+
+    import psutil
+
+    def alive(proc) -> bool:
+        try:  # a killed parent stays a zombie until its own parent reaps it
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def watch() -> None:
+        import time
+
+        while all(alive(p) for p in parents):
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    return True

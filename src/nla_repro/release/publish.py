@@ -23,6 +23,7 @@ from nla_repro.errors import NlaError
 from nla_repro.evaluation.registry import SOURCES, bar_rows
 from nla_repro.io import atomic_path, sha256_file, write_text, write_yaml
 from nla_repro.release import cards
+from nla_repro.reproducibility import build_tier
 from nla_repro.secrets import get_secret, redact
 
 SUMS = "SHA256SUMS"
@@ -63,9 +64,16 @@ class Plan:
     files: dict[str, list[StagedFile]] = field(default_factory=dict)
     missed_bars: list[str] = field(default_factory=list)
     """The NLA quality bars this build misses (name, value, bar), said before any upload."""
+    verified: dict = field(default_factory=dict)
+    """reproducibility.build_tier: the tier these outputs were built at, and why."""
 
     def describe(self) -> str:
         lines = [f"release {self.version} of commit {self.commit[:12]}:"]
+        if self.verified:
+            why = "; ".join(self.verified.get("reasons", [])[:3])
+            lines.append(
+                f"  built at the {self.verified['tier']} tier" + (f" ({why})" if why else "")
+            )
         if self.missed_bars:
             lines.append(
                 f"  WARNING: this build MISSES {len(self.missed_bars)} NLA quality bar(s); the "
@@ -166,11 +174,13 @@ def stage(
     missed = [r for r in bar_rows(inputs.metrics) if r["met"] == "NO"]
     plan = Plan(version, commit, private, repos)
     plan.missed_bars = [f"{r['name']}: {r['value']} (bar {r['target']})" for r in missed]
+    plan.verified = build_tier(params, root)
     # Hashed once for all three folders (the parquets can be large).
     record = {
         "version": version,
         "git_commit": commit,
         "quality_bars_missed": [r["key"] for r in missed],
+        "reproducibility": plan.verified,
         "dvc_lock_sha256": sha256_file(root / "dvc.lock"),
         "inputs_sha256": {
             str(p): sha256_file(root / p) for p in INPUT_PARQUETS if (root / p).exists()
