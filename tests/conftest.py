@@ -184,6 +184,19 @@ def write_corpus(root: Path, texts: list[str] = SAMPLE_TEXTS) -> Path:
     return path
 
 
+def git(repo: Path, *args: str) -> str:
+    """Run git in `repo` with a throwaway identity; its stdout."""
+    import subprocess
+
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def slow_stage_script(stage: str, pause_s: float = 0.5) -> str:
     """Python source that runs one stage with a pause after each finished chunk, so a test can
     SIGKILL it between chunks (the pause is test-side; the stage code is unchanged)."""

@@ -1,8 +1,7 @@
-import subprocess
-
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import git as git_in
 
 from nla_repro.io import (
     ChunkStore,
@@ -71,13 +70,7 @@ def test_fingerprint_and_sha256(tmp_path):
 
 def test_code_commit_follows_the_code_not_results_commits(tmp_path):
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        return git_in(tmp_path, *args)
 
     git("init", "-q")
     (tmp_path / "README.md").write_text("results\n")
@@ -112,19 +105,15 @@ def test_code_commit_follows_the_code_not_results_commits(tmp_path):
 
 def test_code_commit_follows_the_code_deps_dvc_yaml_declares(tmp_path):
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        return git_in(tmp_path, *args)
 
     git("init", "-q")
     (tmp_path / "src").mkdir()
     (tmp_path / "src/stage.py").write_text("x = 1\n")
     (tmp_path / "src/release.py").write_text("y = 1\n")
-    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: run\n    deps:\n    - src/stage.py\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: run\n    deps:\n    - src/stage.py\n"
+    )
     git("add", "-A")
     git("commit", "-qm", "code")
     code = git("rev-parse", "HEAD")

@@ -155,6 +155,9 @@ def test_dry_run_stages_exactly_the_files_it_lists(repo):
     meta = yaml.safe_load((dist / "av/nla_meta.yaml").read_text())
     assert meta["release"]["version"] == "v0.1.00" and meta["release"]["git_commit"] == head(repo)
     assert meta["av"]["marker_token_id"] == 1234  # the sidecar travels with the release
+    # The tier its numbers were built at (this fake checkout has no build record: unknown).
+    assert meta["release"]["reproducibility"]["tier"] == "unknown"
+    assert "built at the unknown tier" in output
     parquets = meta["release"]["inputs_sha256"]
     assert set(parquets) == {str(p) for p in release.INPUT_PARQUETS}
     for path, digest in parquets.items():

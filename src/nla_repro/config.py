@@ -756,6 +756,10 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if hint is float:
         return "a finite number"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(
+            "null" if a is type(None) else _describe(a) for a in typing.get_args(hint)
+        )
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "")
