@@ -32,8 +32,6 @@ def record_stage_time(
     import json
     import platform
 
-    import torch
-
     from nla_repro.platform import peak_rss_mb
     from nla_repro.reproducibility import machine_row
 
@@ -43,8 +41,6 @@ def record_stage_time(
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "wall_s": round(time.time() - started, 2),
         "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
         **machine_row(),
         "device": device,
         "peak_rss_mb": peak_rss_mb(),

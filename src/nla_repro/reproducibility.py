@@ -38,8 +38,9 @@ TIER_ORDER = ("exact", "numerical", "gpu")
 """Tiers of a rebuilt file, strictest first; a file takes the loosest tier of its stages."""
 GPU_FACTOR = 10.0
 """GPU tolerances are the numerical ones times this: declared, not measured (no GPU in CI)."""
-MACHINE_KEYS = ("device", "torch_threads", "cpu_capability", "torch")
-"""What a stage row must share with the build record for the exact tier."""
+MACHINE_KEYS = ("device", "torch_threads", "cpu_model", "cpu_capability", "torch")
+"""What a stage row must share with the build record for the exact tier (a key the record
+lacks is not compared)."""
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,22 @@ def machine_row() -> dict[str, Any]:
 
     return {
         "torch_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name: two CPUs with the same vector unit (AVX-512 on Intel and on AMD)
+    may still take other kernel paths, so the exact tier also asks for the same model."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def stage_rows(profile: str, path: Path = C.STAGE_TIMES) -> dict[str, dict]:
@@ -279,9 +292,8 @@ def pin(params: Any, lock_path: Path = Path("dvc.lock"), path: Path = BUILD_RECO
         "stages": {
             s: {
                 "device": rows[s].get("device", "cpu"),
-                **{k: rows[s].get(k) for k in ("torch_threads", "cpu_capability", "torch")},
+                **{k: rows[s].get(k) for k in MACHINE_KEYS if k != "device"},
                 "python": rows[s].get("python"),
-                "cpu": rows[s].get("cpu"),
                 "started_utc": rows[s].get("started_utc"),
                 "outs": outs.get(s, {}),
             }
@@ -337,6 +349,21 @@ class Leaf:
         return d <= (self.tolerance or 0.0)
 
 
+@dataclass(frozen=True)
+class Output:
+    """One output of dvc.lock: its hash at the ref and in the working tree."""
+
+    stage: str
+    path: str
+    published: str
+    rebuilt: str | None
+    tier: str
+
+    @property
+    def equal(self) -> bool:
+        return self.published == self.rebuilt
+
+
 @dataclass
 class Report:
     against: str
@@ -345,6 +372,8 @@ class Report:
     """file -> (tier, reasons)."""
     missing: list[str] = field(default_factory=list)
     """Files the ref has and the working tree does not."""
+    outputs: list[Output] = field(default_factory=list)
+    """Every output hash of the ref's dvc.lock against the working tree's."""
 
     @property
     def failures(self) -> list[Leaf]:
@@ -359,13 +388,18 @@ class Report:
         ]
 
     @property
+    def hash_failures(self) -> list[Output]:
+        """Outputs of exact-tier stages whose bytes differ: the exact tier promises equal bytes."""
+        return [o for o in self.outputs if o.tier == "exact" and not o.equal]
+
+    @property
     def ok(self) -> bool:
-        return not self.failures and not self.missing
+        return not self.failures and not self.missing and not self.hash_failures
 
     @property
     def tier(self) -> str:
-        tiers = [t for t, _ in self.tiers.values()] or ["exact"]
-        return max(tiers, key=TIER_ORDER.index)
+        tiers = [t for t, _ in self.tiers.values()] + [o.tier for o in self.outputs]
+        return max(tiers or ["exact"], key=TIER_ORDER.index)
 
     def summary(self) -> dict:
         numbers = [leaf for leaf in self.leaves if leaf.delta is not None]
@@ -380,6 +414,8 @@ class Report:
                 leaf.reproduced for leaf in numbers if leaf.headline is not None
             ),
             "judge_numbers": sum(leaf.tier == "judge" for leaf in numbers),
+            "outputs": len(self.outputs),
+            "outputs_equal": sum(o.equal for o in self.outputs),
             "missing": self.missing,
         }
 
@@ -431,7 +467,24 @@ def compare(params: Any, ref: str = "HEAD") -> Report:
                 bound = 0.0 if leaf_tier == "exact" else t.bound(float(p))
                 tol = bound * (GPU_FACTOR if leaf_tier == "gpu" else 1.0)
             report.leaves.append(Leaf(file, path, p, r, leaf_tier, tol, heads.get((file, path))))
+    report.outputs = compare_outputs(ref, rows, published_record)
     return report
+
+
+def compare_outputs(ref: str, rows: dict[str, dict], record: dict) -> list[Output]:
+    """Each output hash in the ref's dvc.lock against the working tree's dvc.lock (written by
+    the rebuild's `dvc repro`), with the tier of its stage; empty when either lock is absent."""
+    published_text, lock = git_show(ref, "dvc.lock"), Path("dvc.lock")
+    if published_text is None or not lock.is_file():
+        return []
+    rebuilt = lock_outs(lock.read_text())
+    return [
+        Output(
+            stage, path, md5, rebuilt.get(stage, {}).get(path), file_tier(stage, rows, record)[0]
+        )
+        for stage, outs in lock_outs(published_text).items()
+        for path, md5 in outs.items()
+    ]
 
 
 def _fmt(value: Any) -> str:
@@ -471,6 +524,13 @@ def render(report: Report, everything: bool = False, limit: int = 40) -> str:
     if len(shown) > len(rows) - 1:
         lines.append(f"... {len(shown) - len(rows) + 1} more rows (--all lists every number)")
     s = report.summary()
+    if report.outputs:
+        moved = [o for o in report.outputs if not o.equal]
+        lines.append(
+            f"outputs: {s['outputs_equal']}/{s['outputs']} hashes in dvc.lock equal the published"
+            + (": moved " + ", ".join(f"{o.path} ({o.tier})" for o in moved[:8]) if moved else "")
+            + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
+        )
     text_diffs = [leaf for leaf in report.leaves if leaf.delta is None and not leaf.reproduced]
     lines.append(
         f"{s['numbers_within_tolerance']}/{s['numbers']} numbers within tolerance, "
