@@ -20,6 +20,7 @@ Only the CLI imports this module (pipeline.NOT_OUTPUT_CODE): it changes no outpu
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import platform
@@ -38,7 +39,10 @@ TIER_ORDER = ("exact", "numerical", "gpu")
 """Tiers of a rebuilt file, strictest first; a file takes the loosest tier of its stages."""
 GPU_FACTOR = 10.0
 """GPU tolerances are the numerical ones times this: declared, not measured (no GPU in CI)."""
-MACHINE_KEYS = ("device", "torch_threads", "cpu_model", "cpu_capability", "torch")
+BYTE_LIBRARIES = ("transformers", "tokenizers", "peft", "safetensors", "numpy", "pyarrow")
+"""Libraries whose release shows in an output's bytes, not only in its numbers: transformers
+writes its version into config.json, pyarrow into every parquet footer."""
+MACHINE_KEYS = ("device", "torch_threads", "cpu_model", "cpu_capability", "torch", *BYTE_LIBRARIES)
 """What a stage row must share with the build record for the exact tier (a key the record
 lacks is not compared)."""
 
@@ -150,8 +154,16 @@ def machine_row() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
+        **{name: _version(name) for name in BYTE_LIBRARIES},
         "python": platform.python_version(),
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def cpu_model() -> str:
