@@ -34,7 +34,7 @@ def setup(c: Context, cuda: bool = False) -> None:
     c.run("python -m nla_repro configure")
 
 
-BUILD_RECORD = Path("metrics/build.json")  # nla_repro.reproducibility.BUILD_RECORD
+BUILD_RECORD = Path("metrics/build.json")  # nla_repro.build_record.BUILD_RECORD
 
 
 def pinned_threads() -> int:

@@ -32,8 +32,8 @@ def record_stage_time(
     import json
     import platform
 
+    from nla_repro.build_record import machine_row
     from nla_repro.platform import peak_rss_mb
-    from nla_repro.reproducibility import machine_row
 
     row = {
         "stage": stage,
@@ -56,7 +56,7 @@ def run_stage(args: argparse.Namespace) -> None:
     while another live process runs it, stops cleanly on SIGTERM or when the `dvc repro` that
     started it dies, and keeps a copy of its uncached outputs once it succeeds."""
     from nla_repro import pipeline, platform
-    from nla_repro.reproducibility import _device, tier_line
+    from nla_repro.build_record import run_device, tier_line
 
     params = C.load_params(args.params)
     stage = importlib.import_module(f"nla_repro.stages.{args.command}")
@@ -75,7 +75,7 @@ def run_stage(args: argparse.Namespace) -> None:
         else:
             result = stage.run(params)
         timing = result.get("timing") if isinstance(result, dict) else None
-        record_stage_time(args.command, params.profile, started, timing, _device(params))
+        record_stage_time(args.command, params.profile, started, timing, run_device(params))
         if pipeline_run:
             pipeline.keep_last_good(args.command)
 
@@ -85,8 +85,11 @@ def verify(args: argparse.Namespace) -> int:
 
     params = C.load_params(args.params)
     if args.pin:
-        record = R.pin(params)
-        print(f"wrote {R.BUILD_RECORD}: {len(record['stages'])} stages of profile {params.profile}")
+        from nla_repro import build_record
+
+        record = build_record.pin(params)
+        n = len(record["stages"])
+        print(f"wrote {build_record.BUILD_RECORD}: {n} stages of profile {params.profile}")
         return 0
     report = R.compare(params, R.resolve_ref(args.against, args.release))
     print(R.render(report, everything=args.all))

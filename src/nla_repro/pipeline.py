@@ -41,6 +41,7 @@ NOT_OUTPUT_CODE = frozenset(
         "__init__.py",
         "stages/__init__.py",
         "__main__.py",
+        "build_record.py",
         "config.py",
         "errors.py",
         "pipeline.py",
@@ -51,8 +52,8 @@ NOT_OUTPUT_CODE = frozenset(
 )
 """Modules stages import that cannot change a stage's output by themselves: package markers,
 the CLI, params parsing and validation (DVC tracks the params' values), error types, this
-module, the platform description, `verify` and secret redaction. They are not code deps, so editing
-them reruns nothing."""
+module, the platform description, `verify` and its build record, and secret redaction. They
+are not code deps, so editing them reruns nothing."""
 
 
 class UndeclaredParamError(NlaError):

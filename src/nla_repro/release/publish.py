@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from nla_repro import config as C
+from nla_repro.build_record import build_tier
 from nla_repro.errors import NlaError
 from nla_repro.evaluation.registry import SOURCES, bar_rows
 from nla_repro.io import atomic_path, sha256_file, write_text, write_yaml
 from nla_repro.release import cards
-from nla_repro.reproducibility import build_tier
 from nla_repro.secrets import get_secret, redact
 
 SUMS = "SHA256SUMS"
@@ -65,7 +65,7 @@ class Plan:
     missed_bars: list[str] = field(default_factory=list)
     """The NLA quality bars this build misses (name, value, bar), said before any upload."""
     verified: dict = field(default_factory=dict)
-    """reproducibility.build_tier: the tier these outputs were built at, and why."""
+    """build_record.build_tier: the tier these outputs were built at, and why."""
 
     def describe(self) -> str:
         lines = [f"release {self.version} of commit {self.commit[:12]}:"]
