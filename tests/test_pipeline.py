@@ -52,6 +52,12 @@ def run(cmd: list[str], cwd: Path) -> str:
     return out
 
 
+def verify_run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A command whose exit code the test checks itself."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
 def params_k(repo: Path) -> int:
     return yaml.safe_load((repo / "params.yaml").read_text())["sae"]["k"]
 
@@ -254,3 +260,31 @@ def test_dvc_repro_smoke_profile_in_a_fresh_repo(tmp_path):
     }
     assert sorted(results) == [2, 4]
     assert all(0 < m["l0"] <= k for k, m in results.items())
+
+    # verify: pin this build as the published one; the same checkout reproduces it exactly,
+    # a rerun on another thread count within tolerance, a tampered headline number does not.
+    run(["python", "-m", "nla_repro", "verify", "--pin"], repo)
+    run(["git", "add", "metrics/build.json"], repo)
+    run([*commit, "pin the build"], repo)
+    exact = run(["python", "-m", "nla_repro", "verify"], repo)
+    assert "verdict: REPRODUCED at the exact tier" in exact, exact
+    pinned = json.loads((repo / "metrics/build.json").read_text())["stages"]["sae"]
+    other = "1" if pinned["torch_threads"] != 1 else "2"
+    threads = {"OMP_NUM_THREADS": other, "MKL_NUM_THREADS": other}
+    rerun = verify_run(["dvc", "repro", "--force", "--single-item", "sae"], repo, threads)
+    said = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "sae: tier: numerical (sae: torch_threads" in said, said
+    numerical = verify_run(["python", "-m", "nla_repro", "verify"], repo)
+    assert numerical.returncode == 0, numerical.stdout + numerical.stderr
+    assert "REPRODUCED at the numerical tier" in numerical.stdout
+    sae_metrics = json.loads((repo / C.SAE_METRICS).read_text())
+    sae_metrics["explained_variance"] += 0.5
+    (repo / C.SAE_METRICS).write_text(json.dumps(sae_metrics))
+    tampered = verify_run(["python", "-m", "nla_repro", "verify"], repo)
+    assert tampered.returncode == 1 and "NOT REPRODUCED" in tampered.stdout
+    assert re.search(r"Explained variance .* NO", tampered.stdout), tampered.stdout
+    # DVC deleted it before a rerun that failed: `restore` brings back the last good copy.
+    (repo / C.SAE_METRICS).unlink()
+    restored = run(["python", "-m", "nla_repro", "restore", "sae"], repo)
+    assert f"restored {C.SAE_METRICS} from .nla_work/last_good" in restored
+    assert verify_run(["python", "-m", "nla_repro", "verify"], repo).returncode == 0

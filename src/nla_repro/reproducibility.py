@@ -55,18 +55,26 @@ class Tolerance:
 
 
 # Numerical-tier tolerances by metrics file and dotted-path prefix (the longest prefix wins).
-# Measured: the default built from scratch twice, with one and with two torch threads on the
-# same machine; each bound is at least 3x the largest difference seen in its group, rounded up
-# (docs/operations/reproducibility.md has the table, the measured maxima and the method).
+# Measured on the default, each against the one-thread pin of the same commit: a from-scratch
+# rebuild with two torch threads on the same machine, and the earlier two-thread pin built on
+# an Intel CPU. The abs part of each bound is at least 3x the largest |difference| either run
+# showed anywhere in its group, rounded up (docs/operations/reproducibility.md has the table,
+# the measured maxima and the method; `python benchmarks/tolerances.py` measures a rebuild).
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    # Corpus and labels were bit-equal in both runs: any difference is a real change.
     ("data/corpus_stats.json", ""): Tolerance(0.0, 0.0),
     ("metrics/label.json", ""): Tolerance(0.0, 0.0),
-    ("data/pool_stats.json", ""): Tolerance(1e-6, 1e-5),
-    ("metrics/sft_av.json", ""): Tolerance(1e-3, 1e-3),
-    ("metrics/sft_ar.json", ""): Tolerance(1e-3, 1e-3),
-    ("metrics/rl.json", ""): Tolerance(0.05, 0.05),
-    ("metrics/sae.json", ""): Tolerance(1e-3, 1e-3),
-    ("metrics/eval.json", ""): Tolerance(0.05, 0.05),
+    ("data/pool_stats.json", ""): Tolerance(2e-5, 1e-4),
+    ("metrics/sft_av.json", ""): Tolerance(2e-6, 1e-5),
+    ("metrics/sft_ar.json", ""): Tolerance(1e-6, 1e-5),
+    ("metrics/rl.json", ""): Tolerance(3e-6, 1e-4),
+    ("metrics/eval.json", ""): Tolerance(1e-5, 1e-4),
+    # The SAE trains from a shuffled token stream in float32: reductions in another order move
+    # its numbers ~1e-3 relative, its loss-recovered pass and latent densities most.
+    ("metrics/sae.json", ""): Tolerance(2e-3, 5e-3),
+    ("metrics/sae.json", "loss_recovered."): Tolerance(1e-2, 2e-2),
+    ("metrics/sae.json", "latents."): Tolerance(3.0, 0.0),  # counts of latents
+    ("metrics/sae.json", "latents.density"): Tolerance(1e-3, 8e-2),
 }
 
 
