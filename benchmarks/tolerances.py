@@ -20,18 +20,20 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from nla_repro.reproducibility import is_number
+
 
 def summarize(leaves: list[dict]) -> list[dict]:
     by_file: dict[str, list[dict]] = defaultdict(list)
     for leaf in leaves:
-        if leaf["tier"] != "judge" and isinstance(leaf["published"], int | float):
+        if leaf["tier"] != "judge" and is_number(leaf["published"]):
             by_file[leaf["file"]].append(leaf)
     rows = []
     for file, group in sorted(by_file.items()):
         deltas = [
             (abs(leaf["rebuilt"] - leaf["published"]), leaf)
             for leaf in group
-            if isinstance(leaf["rebuilt"], int | float)
+            if is_number(leaf["rebuilt"])
         ]
         moved = [(d, leaf) for d, leaf in deltas if d > 0]
         worst = max(moved, key=lambda x: x[0], default=(0.0, None))

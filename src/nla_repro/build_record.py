@@ -111,15 +111,19 @@ def stage_tier(row: dict | None, pinned: dict | None) -> tuple[str, list[str]]:
     return ("numerical" if reasons else "exact"), reasons
 
 
-def file_tier(stage: str, rows: dict[str, dict], record: dict) -> tuple[str, list[str]]:
-    """The loosest tier over `stage` and every stage upstream of it."""
+def loosest_tier(stages: Any, rows: dict[str, dict], record: dict) -> tuple[str, list[str]]:
+    """The loosest tier over `stages`, with each stage's reasons."""
     tier, reasons = "exact", []
-    for s in pipeline.upstream(stage):
+    for s in stages:
         t, why = stage_tier(rows.get(s), record.get("stages", {}).get(s))
         reasons += [f"{s}: {w}" for w in why]
-        if TIER_ORDER.index(t) > TIER_ORDER.index(tier):
-            tier = t
+        tier = max(tier, t, key=TIER_ORDER.index)
     return tier, reasons
+
+
+def file_tier(stage: str, rows: dict[str, dict], record: dict) -> tuple[str, list[str]]:
+    """The loosest tier over `stage` and every stage upstream of it."""
+    return loosest_tier(pipeline.upstream(stage), rows, record)
 
 
 def tier_line(stage: str, params: Any) -> str:
@@ -224,10 +228,6 @@ def build_tier(params: Any, root: Path = Path(".")) -> dict:
     if not record:
         return {"tier": "unknown", "reasons": [f"{BUILD_RECORD} is missing"]}
     rows = stage_rows(params.profile, root / C.STAGE_TIMES)
-    tier, reasons = "exact", []
-    for stage in pipeline.stage_names():
-        t, why = stage_tier(rows.get(stage), record["stages"].get(stage))
-        reasons += [f"{stage}: {w}" for w in why]
-        tier = max(tier, t, key=TIER_ORDER.index)
+    tier, reasons = loosest_tier(pipeline.stage_names(), rows, record)
     rebuilt = [s for s in pipeline.stage_names() if s in rows]
     return {"tier": tier, "reasons": reasons, "stages_rebuilt_here": rebuilt}

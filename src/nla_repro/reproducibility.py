@@ -57,8 +57,8 @@ class Tolerance:
 # Numerical-tier tolerances by metrics file and dotted-path prefix (the longest prefix wins).
 # Measured on the default, each against the one-thread pin of the same commit: a from-scratch
 # rebuild with two torch threads on the same machine, and the earlier two-thread pin built on
-# an Intel CPU. The abs part of each bound is at least 3x the largest |difference| either run
-# showed anywhere in its group, rounded up (docs/operations/reproducibility.md has the table,
+# an Intel CPU. At each number, each bound is at least 3x the largest difference either run
+# showed there, rounded up (docs/operations/reproducibility.md has the table,
 # the measured maxima and the method; `python benchmarks/tolerances.py` measures a rebuild).
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
     # Corpus and labels were bit-equal in both runs: any difference is a real change.
