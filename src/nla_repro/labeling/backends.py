@@ -24,6 +24,7 @@ import torch
 
 from nla_repro import platform
 from nla_repro.errors import ConfigError
+from nla_repro.generation import decode, stop_ids
 from nla_repro.labeling.retry import (
     ProviderError,
     RetryPolicy,
@@ -31,7 +32,13 @@ from nla_repro.labeling.retry import (
     call_with_retry,
     classify,
 )
-from nla_repro.models import load_base, pad_batch, read_base_meta, render_chat
+from nla_repro.models import (
+    load_base,
+    pad_batch,
+    position_ids_from_mask,
+    read_base_meta,
+    render_chat,
+)
 from nla_repro.secrets import get_secret
 from nla_repro.seeds import derive_seed
 
@@ -132,25 +139,45 @@ class LocalBackend(Backend):
         enc = self.tokenizer(contexts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(self.lm.device)
         sample = self.settings.temperature > 0
+        stop = None
+        if one_line:
+
+            def stop(_row: int, tokens: list[int]) -> bool:
+                return "\n" in self.tokenizer.decode(tokens, skip_special_tokens=True)
+
         torch.manual_seed(seed)
-        with torch.inference_mode():
-            out = self.lm.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=sample,
-                temperature=self.settings.temperature if sample else None,
-                top_p=0.95 if sample else None,
-                pad_token_id=self.tokenizer.pad_token_id,
-                stop_strings=["\n"] if one_line else None,
-                tokenizer=self.tokenizer if one_line else None,
-            )
-        new = out[:, enc["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        got = decode(
+            self.lm,
+            enc["attention_mask"],
+            [self.settings.temperature if sample else 0.0] * len(contexts),
+            max_new_tokens,
+            stop_ids(self.lm, self.tokenizer),
+            top_p=0.95 if sample else 1.0,
+            stop_text=stop,
+            input_ids=enc["input_ids"],
+        )
+        texts = self.tokenizer.batch_decode(got.tokens, skip_special_tokens=True)
         if one_line:
             texts = [t.split("\n")[0].strip() for t in texts]
         n_in = enc["attention_mask"].sum(dim=1).tolist()
-        n_out = (new != self.tokenizer.pad_token_id).sum(dim=1).tolist()
-        return texts, [int(i) for i in n_in], [int(o) for o in n_out]
+        pad = self.tokenizer.pad_token_id
+        n_out = [sum(t != pad for t in row) for row in got.tokens]
+        return texts, [int(i) for i in n_in], n_out
+
+    def _last_logits(self, seqs: list[list[int]], keep: int) -> torch.Tensor:
+        """Logits of the last `keep` positions of each sequence, (B, keep, V) fp32: left
+        padded, positions from the mask, the LM head on those positions only (a judge
+        prompt is hundreds of tokens; full logits would be B x T x vocab floats)."""
+        pad = self.tokenizer.pad_token_id
+        ids, mask, _, _ = pad_batch(seqs, pad, "left", device=self.lm.device)
+        out = self.lm(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+        return out.logits.float().cpu()
 
     @torch.inference_mode()
     def _choose(self, contexts: list[str], options: list[str]) -> list[str]:
@@ -162,23 +189,14 @@ class LocalBackend(Backend):
             # Single-token options (a 1-5 score, A/B): one forward, next-token log-probs.
             logp = self._next_token_logprobs(ctx_ids)
             return [options[i] for i in logp[:, [o[0] for o in option_ids]].argmax(1).tolist()]
-        for k, option in enumerate(options):
-            opt = self.tokenizer(option, add_special_tokens=False).input_ids
-            ids, mask, _, _ = pad_batch(
-                [c + opt for c in ctx_ids], self.tokenizer.pad_token_id, device=self.lm.device
-            )
-            logp = self.lm(input_ids=ids, attention_mask=mask)
-            logp = logp.logits.float().log_softmax(-1).cpu()
-            for r, c in enumerate(ctx_ids):
-                positions = torch.arange(len(c) - 1, len(c) - 1 + len(opt))
-                scores[r, k] = logp[r, positions, torch.tensor(opt)].sum()
+        for k, opt in enumerate(option_ids):
+            logp = self._last_logits([c + opt for c in ctx_ids], len(opt) + 1)[:, :-1]
+            picked = logp.log_softmax(-1)[:, torch.arange(len(opt)), torch.tensor(opt)]
+            scores[:, k] = picked.sum(dim=1)
         return [options[i] for i in scores.argmax(dim=1).tolist()]
 
     def _next_token_logprobs(self, ctx_ids: list[list[int]]) -> torch.Tensor:
-        ids, mask, _, _ = pad_batch(ctx_ids, self.tokenizer.pad_token_id, device=self.lm.device)
-        logits = self.lm(input_ids=ids, attention_mask=mask).logits
-        last = torch.tensor([len(c) - 1 for c in ctx_ids])
-        return logits.float().cpu()[torch.arange(len(ctx_ids)), last].log_softmax(-1)
+        return self._last_logits(ctx_ids, 1)[:, -1].log_softmax(-1)
 
     def complete(self, prompts: list[str], prefill: str, seed: int) -> list[Completion]:
         start = time.perf_counter()

@@ -14,6 +14,7 @@ save/load/validation interface the shared trainer (`nla_repro.training`) drives.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from pathlib import Path
 
 import peft
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nla_repro.generation import Decoded, decode, stop_ids
 from nla_repro.models import (
     IGNORE,
     adapt,
@@ -35,13 +37,20 @@ from nla_repro.templates import PromptTemplate
 PREFIX_FILE = "prefix.safetensors"
 
 
-def token_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each next token where labels are set (0 elsewhere): (B, T-1)."""
-    logits = logits_BTV[:, :-1].float()
-    targets = labels_BT[:, 1:]
-    mask = targets != IGNORE
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    return logp * mask
+def token_logprobs(logits_BKV: torch.Tensor, targets_BK: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each target token under the logits that predict it (aligned: column k of
+    the logits predicts column k of the targets), 0 where the target is IGNORE: (B, K)."""
+    mask = targets_BK != IGNORE
+    logits = logits_BKV.float()
+    picked = logits.gather(-1, targets_BK.clamp_min(0)[..., None])[..., 0]
+    return (picked - logits.logsumexp(dim=-1)) * mask
+
+
+def response_positions(prompt_len: int, width: int) -> torch.Tensor:
+    """The positions whose logits predict a response token when every row's response starts
+    at `prompt_len` of a `width`-wide batch: the LM head runs there only (`logits_to_keep`),
+    never on the prompt, where no token carries loss."""
+    return torch.arange(prompt_len - 1, width - 1)
 
 
 class VerbalizerBase(nn.Module, abc.ABC):
@@ -66,21 +75,49 @@ class VerbalizerBase(nn.Module, abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL of each row's response and its token count: (B,), (B,)."""
 
-    def _score(self, logits_BTV, labels_BT, mask_BT) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(self, logits_BKV, targets_BK, mask_BT) -> tuple[torch.Tensor, torch.Tensor]:
         self.read_tokens = int(mask_BT.sum())
-        logp = token_logprobs(logits_BTV, labels_BT)
-        return -logp.sum(dim=1), (labels_BT[:, 1:] != IGNORE).sum(dim=1)
+        logp = token_logprobs(logits_BKV, targets_BK)
+        return -logp.sum(dim=1), (targets_BK != IGNORE).sum(dim=1)
 
-    def _generate(self, max_new_tokens: int, temperature: float, **inputs) -> torch.Tensor:
-        return self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id or 0,
+    def stop_ids(self) -> set[int]:
+        """Token ids that end a response (the tokenizer's EOS and the generation config's)."""
+        return stop_ids(self.model, self.tokenizer)
+
+    @abc.abstractmethod
+    def decode_vectors(
+        self, vectors_ND: torch.Tensor, max_new_tokens: int, temperatures: Sequence[float]
+    ) -> Decoded:
+        """One response per vector (`generation.decode`), at one temperature per row."""
+
+    @torch.no_grad()
+    def sample(
+        self, vectors_ND: torch.Tensor, max_new_tokens: int, temperature: float
+    ) -> tuple[list[list[int]], list[bool]]:
+        """One sampled response per vector: its token ids up to and including the first stop
+        token, and whether it ended within `max_new_tokens` (False: cut by the cap)."""
+        got = self.decode_vectors(vectors_ND, max_new_tokens, [temperature] * len(vectors_ND))
+        return got.tokens, got.finished
+
+    def decode(self, responses: list[list[int]]) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        vectors_ND: torch.Tensor,
+        max_new_tokens: int = 64,
+        temperature: float | Sequence[float] = 0.0,
+    ) -> list[str]:
+        """One explanation per vector (greedy at temperature 0); `temperature` may give one
+        value per row, so greedy outputs and samples share a batch."""
+        temps = (
+            [float(temperature)] * len(vectors_ND)
+            if isinstance(temperature, int | float)
+            else list(temperature)
         )
+        got = self.decode_vectors(vectors_ND, max_new_tokens, temps)
+        return self.tokenizer.batch_decode(got.tokens, skip_special_tokens=True)
 
     def forward(self, texts: list[str], vectors_BD: torch.Tensor) -> dict:
         nll, n = self.row_nll(texts, vectors_BD)
@@ -132,75 +169,49 @@ class ActivationVerbalizer(VerbalizerBase):
         return padded.ids_BT, padded.mask_BT, padded.labels_BT
 
     def _logits(self, ids_BT, mask_BT, vectors_BD) -> torch.Tensor:
+        """Logits at the positions that predict response tokens only: (B, T - P, V)."""
         # At the prompt's marker: the response after it may hold the marker character too.
         self.injector.arm(injection_vectors(vectors_BD, self.scale), self.marker.position)
+        keep = response_positions(len(self.prompt_ids), ids_BT.shape[1]).to(ids_BT.device)
         try:
-            return self.model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).logits
+            return self.model(
+                input_ids=ids_BT, attention_mask=mask_BT, use_cache=False, logits_to_keep=keep
+            ).logits
         finally:
             self.injector.arm(None)
 
     def row_nll(self, texts, vectors_BD):
         room = self.max_length - len(self.prompt_ids)
         ids, mask, labels = self._inputs([self.response_ids(t)[:room] for t in texts])
-        return self._score(self._logits(ids, mask, vectors_BD), labels, mask)
+        targets = labels[:, len(self.prompt_ids) :]
+        return self._score(self._logits(ids, mask, vectors_BD), targets, mask)
 
     def response_logprobs(
         self, responses: list[list[int]], vectors_BD: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-prob of each token of each response (token ids as sampled, EOS included) given
-        its vector, and the mask of real response tokens: (B, T-1) each. Differentiable."""
+        its vector, and the mask of real response tokens: (B, K) each. Differentiable."""
         ids, mask, labels = self._inputs(responses)
-        logp = token_logprobs(self._logits(ids, mask, vectors_BD), labels)
+        targets = labels[:, len(self.prompt_ids) :]
+        logp = token_logprobs(self._logits(ids, mask, vectors_BD), targets)
         self.read_tokens = int(mask.sum())
-        return logp, (labels[:, 1:] != IGNORE)
+        return logp, targets != IGNORE
 
-    def stop_ids(self) -> set[int]:
-        """Token ids that end a response (the tokenizer's EOS and the generation config's)."""
-        found = {self.tokenizer.eos_token_id}
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        found |= set(eos) if isinstance(eos, list | tuple) else {eos}
-        return {int(i) for i in found if i is not None}
-
-    @torch.no_grad()
-    def sample(
-        self, vectors_ND: torch.Tensor, max_new_tokens: int, temperature: float
-    ) -> tuple[list[list[int]], list[bool]]:
-        """One sampled response per vector: its token ids up to and including the first stop
-        token, and whether it ended within `max_new_tokens` (False: cut by the cap)."""
+    def decode_vectors(self, vectors_ND, max_new_tokens, temperatures) -> Decoded:
         n = len(vectors_ND)
         ids = torch.tensor([self.prompt_ids] * n, device=self._device())
-        self.injector.arm(injection_vectors(vectors_ND, self.scale))
+        self.injector.arm(injection_vectors(vectors_ND, self.scale), self.marker.position)
         try:
-            out = self._generate(
-                max_new_tokens, temperature, input_ids=ids, attention_mask=torch.ones_like(ids)
+            return decode(
+                self.model,
+                torch.ones_like(ids),
+                temperatures,
+                max_new_tokens,
+                self.stop_ids(),
+                input_ids=ids,
             )
         finally:
             self.injector.arm(None)
-        stops, responses, finished = self.stop_ids(), [], []
-        for row in out[:, ids.shape[1] :].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            responses.append(row if end is None else row[: end + 1])
-            finished.append(end is not None)
-        return responses, finished
-
-    def decode(self, responses: list[list[int]]) -> list[str]:
-        return [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def generate(
-        self, vectors_ND: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0
-    ) -> list[str]:
-        """One explanation per vector (greedy at temperature 0)."""
-        n = len(vectors_ND)
-        ids = torch.tensor([self.prompt_ids] * n, device=self._device())
-        self.injector.arm(injection_vectors(vectors_ND, self.scale))
-        try:
-            out = self._generate(
-                max_new_tokens, temperature, input_ids=ids, attention_mask=torch.ones_like(ids)
-            )
-        finally:
-            self.injector.arm(None)
-        return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
     def save(self, directory: Path) -> None:
         save_adapter(self.model, directory)
@@ -269,17 +280,19 @@ class PrefixVerbalizer(VerbalizerBase):
         full_labels = torch.cat(
             [torch.full(soft.shape[:2], IGNORE, device=soft.device, dtype=labels.dtype), labels], 1
         )
-        logits = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).logits
-        return self._score(logits, full_labels, full_mask)
+        keep = response_positions(soft.shape[1], embeds.shape[1]).to(soft.device)
+        logits = self.model(
+            inputs_embeds=embeds, attention_mask=full_mask, use_cache=False, logits_to_keep=keep
+        ).logits
+        return self._score(logits, full_labels[:, soft.shape[1] :], full_mask)
 
     @torch.no_grad()
-    def generate(
-        self, vectors_ND: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0
-    ) -> list[str]:
+    def decode_vectors(self, vectors_ND, max_new_tokens, temperatures) -> Decoded:
         soft = self._soft_prompt(vectors_ND)
         mask = torch.ones(soft.shape[:2], device=soft.device, dtype=torch.long)
-        out = self._generate(max_new_tokens, temperature, inputs_embeds=soft, attention_mask=mask)
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return decode(
+            self.model, mask, temperatures, max_new_tokens, self.stop_ids(), inputs_embeds=soft
+        )
 
     def save(self, directory: Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
