@@ -30,7 +30,7 @@ import torch
 
 from nla_repro import config as C
 from nla_repro.evaluation.baselines import baseline_columns
-from nla_repro.evaluation.chunk import generate, reconstruct
+from nla_repro.evaluation.chunk import reconstruct, write
 from nla_repro.evaluation.measures import (
     cosine_rows,
     diversity,
@@ -72,7 +72,8 @@ def score(av, ars: dict, params: C.Params, inputs, baselines: dict) -> dict:
     cfg = params.eval
     rows, mu = inputs.rows, inputs.mu
     targets = np.stack(rows["target"].to_list()).astype(np.float64)
-    texts = generate(av, torch.from_numpy(targets.astype(np.float32)), cfg, 0.0)
+    vectors = torch.from_numpy(targets.astype(np.float32))
+    texts = write(av, vectors, dataclasses.replace(cfg, samples=0), cfg.seed)[0]
     seed, n_boot = cfg.seed, cfg.n_boot
     out = {"n": len(rows), "diversity": diversity(texts)}
     for name, ar in ars.items():

@@ -493,7 +493,8 @@ class EvalConfig:
     max_new_tokens: int = 32
     """Length cap of an AV explanation."""
     batch_size: int = 16
-    """Rows per AV generate call (x samples), texts per AR forward."""
+    """Rows per AV decode call (each row's greedy output and its samples in one batch), texts
+    per AV or AR scoring forward (texts of similar length batched together)."""
     chunk_rows: int = 16
     """Rows per restart-safe chunk: an interrupted eval resumes after the last finished one."""
     paraphrases: int = 1

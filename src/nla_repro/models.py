@@ -8,6 +8,8 @@ HF `hidden_states[L + 1]`; `residual_at_layer` hooks block `L` and stops the for
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,40 @@ def _get_path(obj: object, path: str) -> object | None:
         if obj is None:
             return None
     return obj
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the same tensors: PEFT can
+    wrap it and `truncate` can cut it without touching the original, and the weights are in
+    memory once."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+class SharedBase:
+    """The frozen base of a process that runs several models on it (eval: two AVs, two ARs
+    and the judge; rl: the AV and the AR): loaded once, each `load()` a `shared_copy`, so a
+    135M-parameter base costs its weights once instead of five times. Only for models that
+    never train a base weight (the caller decides); a quantized base is loaded per call
+    (its packed weights are not safe to share through a deep copy)."""
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        quantization: str = "none",
+        compute_dtype: str = "float32",
+        device: str = "auto",
+    ) -> None:
+        self.args = (model_dir, quantization, compute_dtype, device)
+        self._loaded: tuple[nn.Module, transformers.PreTrainedTokenizerBase] | None = None
+
+    def load(self) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase]:
+        if self.args[1] != "none":
+            return load_base(*self.args)
+        if self._loaded is None:
+            self._loaded = load_base(*self.args)
+        model, tokenizer = self._loaded
+        return shared_copy(model), copy.deepcopy(tokenizer)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -27,45 +27,63 @@ from nla_repro.seeds import derive_seed
 from nla_repro.templates import claims, join_claims
 
 
+def length_order(lengths: list[int]) -> list[int]:
+    """Indices by token length (stable): batches cut from this order hold texts of similar
+    length, so little of each forward is padding."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
 @torch.no_grad()
-def reconstruct(ar: ActivationReconstructor, texts: list[str], batch: int) -> np.ndarray:
-    """AR(text) for every text, (N, d) float32."""
+def reconstruct(
+    ar: ActivationReconstructor, texts: list[str], batch: int, known: dict | None = None
+) -> np.ndarray:
+    """AR(text) for every text, (N, d) float32. Each distinct text is read once (the empty
+    string, claim sets equal to the whole output, and, through `known`, the texts another
+    pair of the chunk already gave this AR), in batches of similar length."""
+    known = {} if known is None else known
     if not texts:
         return np.zeros((0, ar.head.out_features), np.float32)
-    # Each distinct text once: the empty string, claim sets equal to the whole output, repeats.
-    unique = list(dict.fromkeys(texts))
-    parts = [ar.predict(unique[s]).float().cpu().numpy() for s in batch_slices(len(unique), batch)]
-    found = dict(zip(unique, np.concatenate(parts).astype(np.float32), strict=True))
-    return np.stack([found[t] for t in texts])
+    todo = [t for t in dict.fromkeys(texts) if t not in known]
+    order = length_order([len(ids) for ids in ar.encode(todo)])
+    for s in batch_slices(len(order), batch):
+        part = [todo[i] for i in order[s]]
+        known.update(zip(part, ar.predict(part).float().cpu().numpy(), strict=True))
+    return np.stack([known[t] for t in texts]).astype(np.float32)
 
 
 @torch.no_grad()
-def mean_logprob(av: VerbalizerBase, texts: list[str], vectors: torch.Tensor, batch: int):
-    """Mean log-prob per token of each text as the AV's complete response (tokens + EOS),
-    teacher-forced, given its vector."""
-    out = []
-    for s in batch_slices(len(texts), batch):
-        nll, n = av.row_nll(texts[s], vectors[s])
-        out += (-nll / n.clamp_min(1)).tolist()
-    return out
-
-
-@torch.no_grad()
-def summed_nll(av: VerbalizerBase, texts: list[str], vectors: torch.Tensor, batch: int):
-    nlls, counts = [], []
-    for s in batch_slices(len(texts), batch):
-        nll, n = av.row_nll(texts[s], vectors[s])
-        nlls += nll.tolist()
-        counts += n.tolist()
+def response_nll(
+    av: VerbalizerBase, texts: list[str], vectors: torch.Tensor, batch: int
+) -> tuple[list[float], list[int]]:
+    """Summed NLL of each text as the AV's complete response (tokens + EOS), teacher-forced
+    given its vector, and its token count; in batches of similar length."""
+    nlls, counts = [0.0] * len(texts), [0] * len(texts)
+    order = length_order([len(av.response_ids(t)) for t in texts])
+    for s in batch_slices(len(order), batch):
+        idx = order[s]
+        nll, n = av.row_nll([texts[i] for i in idx], vectors[idx])
+        for i, a, b in zip(idx, nll.tolist(), n.tolist(), strict=True):
+            nlls[i], counts[i] = a, b
     return nlls, counts
 
 
 @torch.no_grad()
-def generate(av: VerbalizerBase, vectors: torch.Tensor, cfg: C.EvalConfig, temperature: float):
-    out: list[str] = []
+def write(av: VerbalizerBase, vectors: torch.Tensor, cfg: C.EvalConfig, seed: int):
+    """Each row's greedy output and its K samples: `batch_size` rows per decode call, their
+    greedy and sampled continuations in one batch (the decode loop takes one temperature
+    per row), seeded once for the chunk."""
+    k = cfg.samples
+    torch.manual_seed(seed)
+    greedy: list[str] = []
+    samples: list[str] = []
     for s in batch_slices(len(vectors), cfg.batch_size):
-        out += av.generate(vectors[s], cfg.max_new_tokens, temperature)
-    return [t.strip() for t in out]
+        v = vectors[s]
+        both = torch.cat([v, v.repeat_interleave(k, 0)])
+        temps = [0.0] * len(v) + [cfg.temperature] * (len(v) * k)
+        out = [t.strip() for t in av.generate(both, cfg.max_new_tokens, temps)]
+        greedy += out[: len(v)]
+        samples += out[len(v) :]
+    return greedy, samples
 
 
 def gibberish(tokenizer, n_tokens: int, rng: np.random.Generator) -> str:
@@ -97,13 +115,17 @@ def av_outputs(
     k, batch = cfg.samples, cfg.batch_size
     vectors = torch.from_numpy(np.stack(rows["target"].to_list()).astype(np.float32))
     labels = rows["label"].tolist()
-    greedy = generate(av, vectors, cfg, 0.0)
-    torch.manual_seed(seed)
-    samples = generate(av, vectors.repeat_interleave(k, 0), cfg, cfg.temperature) if k else []
-    greedy_lp = mean_logprob(av, greedy, vectors, batch)
-    sample_lp = mean_logprob(av, samples, vectors.repeat_interleave(k, 0), batch) if k else []
-    nll_true, n_tok = summed_nll(av, labels, vectors, batch)
-    nll_shuf, _ = summed_nll(av, labels, shuffled_BD, batch)
+    greedy, samples = write(av, vectors, cfg, seed)
+    # Every teacher-forced pass of the chunk in one length-ordered set: the outputs' own
+    # log-probs, the label under its true and under a shuffled vector.
+    n, n_s = len(greedy), len(samples)
+    texts = greedy + samples + labels + labels
+    scored = torch.cat([vectors, vectors.repeat_interleave(k, 0), vectors, shuffled_BD])
+    nll, n_tok = response_nll(av, texts, scored, batch)
+    mean_lp = [-a / max(b, 1) for a, b in zip(nll, n_tok, strict=True)]
+    greedy_lp, sample_lp = mean_lp[:n], mean_lp[n : n + n_s]
+    nll_true, nll_shuf = nll[n + n_s : 2 * n + n_s], nll[2 * n + n_s :]
+    n_tok = n_tok[n + n_s : 2 * n + n_s]
     rng = np.random.default_rng(seed)
     gib = [gibberish(av.tokenizer, max(8, len(av.tokenizer(g)["input_ids"])), rng) for g in greedy]
     return AVOutputs(greedy, greedy_lp, samples, sample_lp, nll_true, nll_shuf, n_tok, gib)
@@ -117,9 +139,10 @@ def ar_frame(
     unrelated: list[str],
     mu: np.ndarray,
     cfg: C.EvalConfig,
+    known: dict | None = None,
 ) -> pd.DataFrame:
     """Every per-row column of rows.parquet but the judge's and the baselines', for one AV's
-    outputs read by one AR."""
+    outputs read by one AR (`known`: that AR's reconstructions so far in this chunk)."""
     n, k = len(rows), cfg.samples
     targets = np.stack(rows["target"].to_list()).astype(np.float32)
     greedy, samples = av_out.greedy, av_out.samples
@@ -147,7 +170,7 @@ def ar_frame(
         "claims": claim_texts,
     }
     flat = [t for ts in texts.values() for t in ts]
-    rec_all = reconstruct(ar, flat, cfg.batch_size)
+    rec_all = reconstruct(ar, flat, cfg.batch_size, known)
     rec, start = {}, 0
     for name, ts in texts.items():
         rec[name] = rec_all[start : start + len(ts)]
@@ -254,6 +277,7 @@ def evaluate_chunk(
     )
     outputs: dict[str, AVOutputs] = {}
     judged: dict[str, dict] = {}
+    known: dict[str, dict] = {name: {} for name in models.ars}
     frames = {}
     for name, (av_name, ar_name) in pairs.items():
         if av_name not in outputs:
@@ -261,7 +285,9 @@ def evaluate_chunk(
             judged[av_name] = judge_columns(
                 models.judge, rows, outputs[av_name].greedy, judge_upto, seed, cfg
             )
-        out = ar_frame(models.ars[ar_name], rows, outputs[av_name], paras, unrelated, mu, cfg)
+        out = ar_frame(
+            models.ars[ar_name], rows, outputs[av_name], paras, unrelated, mu, cfg, known[ar_name]
+        )
         for key, values in judged[av_name].items():
             out[key] = values
         frames[name] = out

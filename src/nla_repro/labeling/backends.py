@@ -33,6 +33,7 @@ from nla_repro.labeling.retry import (
     classify,
 )
 from nla_repro.models import (
+    SharedBase,
     load_base,
     pad_batch,
     position_ids_from_mask,
@@ -432,11 +433,16 @@ def make_backend(
     base,
     base_dir: Path,
     policy: RetryPolicy,
+    shared: SharedBase | None = None,
 ) -> Backend:
     """The backend `kind` for provider model `model` (local: the base model in `base_dir`,
-    loaded with `base`'s quantization, dtype and device; `model` is ignored)."""
+    loaded with `base`'s quantization, dtype and device, or a copy of `shared` that shares
+    its weights; `model` is ignored)."""
     if kind == "local":
-        lm, tokenizer = load_base(base_dir, base.quantization, base.compute_dtype, base.device)
+        if shared is not None:
+            lm, tokenizer = shared.load()
+        else:
+            lm, tokenizer = load_base(base_dir, base.quantization, base.compute_dtype, base.device)
         return LocalBackend(lm, tokenizer, read_base_meta(base_dir)["source"]["name"], settings)
     if kind not in REMOTE_BACKENDS:
         raise ConfigError(f"unknown backend {kind!r}; known: local, {', '.join(REMOTE_BACKENDS)}")

@@ -28,7 +28,9 @@ from nla_repro.seeds import derive_seed
 from nla_repro.templates import claims, join_claims, load_template, parse_explanation
 
 
-def judge_backends(cfg, base, base_dir: Path) -> tuple[Backend | None, Backend | None]:
+def judge_backends(
+    cfg, base, base_dir: Path, shared=None
+) -> tuple[Backend | None, Backend | None]:
     """(judge, paraphraser) from the eval params `cfg` (an EvalConfig): the judge greedy, the
     paraphraser the same backend sampling at `paraphrase_temperature`; (None, None) for
     judge_backend none."""
@@ -46,7 +48,9 @@ def judge_backends(cfg, base, base_dir: Path) -> tuple[Backend | None, Backend |
         base_url=cfg.judge_base_url,
         timeout_s=cfg.judge_timeout_s,
     )
-    judge_b = make_backend(cfg.judge_backend, cfg.judge_model, settings, base, base_dir, policy)
+    judge_b = make_backend(
+        cfg.judge_backend, cfg.judge_model, settings, base, base_dir, policy, shared
+    )
     return judge_b, judge_b.with_settings(temperature=cfg.paraphrase_temperature)
 
 

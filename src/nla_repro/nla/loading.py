@@ -9,10 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from nla_repro.errors import ConfigError
-from nla_repro.models import (
-    load_base,
-    truncate,
-)
+from nla_repro.models import SharedBase, load_base, truncate
 from nla_repro.nla.reconstructor import HEAD_FILE, ActivationReconstructor
 from nla_repro.nla.verbalizer import ActivationVerbalizer, PrefixVerbalizer, VerbalizerBase
 from nla_repro.templates import PromptTemplate, load_template
@@ -36,12 +33,19 @@ def _template(meta: dict, role: str) -> PromptTemplate:
     return template
 
 
-def load_av(path: Path | str, base_dir: Path | str, **load) -> VerbalizerBase:
+def _base(base_dir: Path | str, shared: SharedBase | None, load: dict):
+    return shared.load() if shared is not None else load_base(base_dir, **load)
+
+
+def load_av(
+    path: Path | str, base_dir: Path | str, shared: SharedBase | None = None, **load
+) -> VerbalizerBase:
     """A trained AV from its folder (adapter or prefix weights + nla_meta.yaml), on the base
-    in `base_dir`; `load` goes to models.load_base (quantization, compute_dtype, device)."""
+    in `base_dir`; `load` goes to models.load_base (quantization, compute_dtype, device);
+    with `shared`, on a copy of that base sharing its weights (inference only)."""
     path = Path(path)
     meta = _read_meta(path)
-    model, tokenizer = load_base(base_dir, **load)
+    model, tokenizer = _base(base_dir, shared, load)
     params, scale = meta["params"], meta["injection_scale_resolved"]
     if meta["av"]["kind"] == "prefix":
         av: VerbalizerBase = PrefixVerbalizer(
@@ -61,11 +65,14 @@ def load_av(path: Path | str, base_dir: Path | str, **load) -> VerbalizerBase:
     return av.eval()
 
 
-def load_ar(path: Path | str, base_dir: Path | str, **load) -> ActivationReconstructor:
-    """A trained AR from its folder (adapter + head.safetensors + nla_meta.yaml)."""
+def load_ar(
+    path: Path | str, base_dir: Path | str, shared: SharedBase | None = None, **load
+) -> ActivationReconstructor:
+    """A trained AR from its folder (adapter + head.safetensors + nla_meta.yaml); `shared`
+    as for `load_av`."""
     path = Path(path)
     meta = _read_meta(path)
-    model, tokenizer = load_base(base_dir, **load)
+    model, tokenizer = _base(base_dir, shared, load)
     truncate(model, meta["ar_num_layers"])
     tuned = peft.PeftModel.from_pretrained(model, path)
     ar = ActivationReconstructor(

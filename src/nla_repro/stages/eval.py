@@ -35,7 +35,7 @@ from nla_repro.evaluation.report import eval_report, print_rows
 from nla_repro.evaluation.suite import clean_json, compute_metrics
 from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
 from nla_repro.labeling.judge import judge_backends
-from nla_repro.models import read_base_meta
+from nla_repro.models import SharedBase, read_base_meta
 from nla_repro.nla import load_ar, load_av, read_pairs, shuffled
 from nla_repro.pipeline import StageParams, code_sha256, stage_view
 from nla_repro.plots import eval_plots, rl_comparison_plot
@@ -174,19 +174,13 @@ def plan(cfg: C.EvalConfig, av_path: str | None, ar_path: str | None) -> Plan:
     )
 
 
-def load_models(params: StageParams, p: Plan) -> tuple[dict, dict]:
-    """The plan's AVs and ARs on this pipeline's base."""
-    base = params.base
+def load_models(params: StageParams, p: Plan, shared: SharedBase) -> tuple[dict, dict]:
+    """The plan's AVs and ARs on this pipeline's base (one copy of its weights, `shared`)."""
     name = read_base_meta(C.BASE_DIR)["source"]["name"]
     for path in [*p.avs.values(), *p.ars.values()]:
         check_trained_here(params, path, name)
-    load = {
-        "quantization": base.quantization,
-        "compute_dtype": base.compute_dtype,
-        "device": base.device,
-    }
-    avs = {k: load_av(path, C.BASE_DIR, **load) for k, path in p.avs.items()}
-    ars = {k: load_ar(path, C.BASE_DIR, **load) for k, path in p.ars.items()}
+    avs = {k: load_av(path, C.BASE_DIR, shared) for k, path in p.avs.items()}
+    ars = {k: load_ar(path, C.BASE_DIR, shared) for k, path in p.ars.items()}
     return avs, ars
 
 
@@ -221,8 +215,10 @@ def run(
     d_model = int(base_meta["d_model"])
     inputs = eval_inputs(cfg, d_model, params.extract.layer)
     rows, mu = inputs.rows, inputs.mu
-    avs, ars = load_models(params, p)
-    judge_b, paraphraser = judge_backends(cfg, params.base, C.BASE_DIR)
+    base = params.base
+    shared = SharedBase(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
+    avs, ars = load_models(params, p, shared)
+    judge_b, paraphraser = judge_backends(cfg, base, C.BASE_DIR, shared)
     models = Models(avs, ars, judge_b, paraphraser)
 
     common = {
