@@ -213,8 +213,15 @@ class FakeAV:
         self.tokenizer = tiny_tokenizer()
 
     def generate(self, vectors, max_new_tokens, temperature):
-        jitter = "" if temperature == 0 else f" s{torch.randint(0, 9, (1,)).item()}"
-        return [f"- row {int(v[0] * 1000)}\n- value {int(v[1] * 1000)}{jitter}" for v in vectors]
+        temps = temperature if isinstance(temperature, list) else [temperature] * len(vectors)
+        return [
+            f"- row {int(v[0] * 1000)}\n- value {int(v[1] * 1000)}"
+            + ("" if t == 0 else f" s{torch.randint(0, 9, (1,)).item()}")
+            for v, t in zip(vectors, temps, strict=True)
+        ]
+
+    def response_ids(self, text):
+        return self.tokenizer(text)["input_ids"]
 
     def row_nll(self, texts, vectors):
         """Lower loss on row i's label given row i's vector (its index sits in v[3])."""
@@ -231,6 +238,9 @@ class TableAR:
     def __init__(self, lookup: dict[str, np.ndarray], constant: np.ndarray | None = None):
         self.lookup, self.constant = lookup, constant
         self.head = torch.nn.Linear(D, D)
+
+    def encode(self, texts):
+        return [t.split() for t in texts]
 
     def predict(self, texts):
         out = []

@@ -20,7 +20,7 @@ import yaml
 from nla_repro import config as C
 from nla_repro.errors import ConfigError
 from nla_repro.io import atomic_path, code_commit, sha256_file, write_yaml
-from nla_repro.models import load_base, read_base_meta
+from nla_repro.models import SharedBase, load_base, read_base_meta
 from nla_repro.nla import build_ar
 from nla_repro.nla.adapters import save_adapter
 from nla_repro.pipeline import code_sha256, stage_view
@@ -52,13 +52,15 @@ def build(params: C.Params, cfg: C.RLConfig) -> tuple[GRPOTrainer, dict, dict]:
         raise ConfigError("rl: GRPO needs an injection AV (av.kind: injection)")
     sft = {"av": _sft_sidecar(C.AV_DIR), "ar": _sft_sidecar(C.AR_DIR)}
     sft_files = {"av": _files_sha256(C.AV_DIR), "ar": _files_sha256(C.AR_DIR)}
-    load = (base.quantization, base.compute_dtype, base.device)
-    model, tokenizer = load_base(C.BASE_DIR, *load)
+    # Neither model trains a base weight unless a norm is unfrozen: then they share one copy.
+    shared = SharedBase(C.BASE_DIR, base.quantization, base.compute_dtype, base.device)
+    separate = params.av.unfreeze_norms or params.ar.unfreeze_norms
+    model, tokenizer = load_base(*shared.args) if separate else shared.load()
     av = build_av(params, model, tokenizer, load_template(params.av.prompt))
     av.load(C.AV_DIR)
     av.model.load_adapter(C.AV_DIR, adapter_name=REFERENCE_ADAPTER)  # frozen: is_trainable off
     av.model.set_adapter(POLICY_ADAPTER)
-    ar_model, ar_tokenizer = load_base(C.BASE_DIR, *load)
+    ar_model, ar_tokenizer = load_base(*shared.args) if separate else shared.load()
     template = load_template(params.ar.prompt)
     ar = build_ar(ar_model, ar_tokenizer, template, params.ar, params.ar_layers)
     ar.load(C.AR_DIR)

@@ -217,14 +217,20 @@ class GRPOTrainer:
         roll = roll_out(av, ar, vectors, cfg, self.formatted)
         rolled = time.perf_counter()
         adv, flat_groups = group_advantages(roll.rewards, cfg.group_size, cfg.adv_eps)
-        n, tokens, kl_rows = len(roll.texts), 0, []
+        n, tokens = len(roll.texts), 0
+        kl_N = torch.zeros(n)
+        # Micro-batches of similar-length rollouts (little padding); the loss is a sum over
+        # rollouts, so how they are grouped does not change the gradient.
+        by_length = sorted(range(n), key=lambda i: len(roll.responses[i]))
         for s in batch_slices(n, cfg.micro_batch):
-            ref = reference_logprobs(av, roll.responses[s], vectors[s])
-            logp, mask = av.response_logprobs(roll.responses[s], vectors[s])
+            idx = by_length[s]
+            responses = [roll.responses[i] for i in idx]
+            ref = reference_logprobs(av, responses, vectors[idx])
+            logp, mask = av.response_logprobs(responses, vectors[idx])
             tokens += av.read_tokens
-            loss, kl = policy_loss(logp, ref, mask, adv[s].to(logp.device), cfg.kl_coef)
+            loss, kl = policy_loss(logp, ref, mask, adv[idx].to(logp.device), cfg.kl_coef)
             (loss / n).backward()
-            kl_rows.append(kl.cpu())
+            kl_N[idx] = kl.cpu().to(kl_N.dtype)
         policy_norm = grad_norm(self.av_params, cfg.max_grad_norm)
         check_finite("rl", step, policy_loss=loss, grad_norm=policy_norm)
         ar_loss = float("nan")
@@ -232,8 +238,9 @@ class GRPOTrainer:
         if self.ar_params and valid:
             ar.train()
             total = 0.0
+            valid_by_length = sorted(valid, key=lambda i: len(roll.responses[i]))
             for s in batch_slices(len(valid), cfg.micro_batch):
-                idx = valid[s]
+                idx = valid_by_length[s]
                 out = ar([roll.texts[i] for i in idx], vectors[idx])
                 (out["loss"] * len(idx) / len(valid)).backward()
                 total += out["loss"].item() * len(idx)
@@ -259,7 +266,7 @@ class GRPOTrainer:
             "reward_mean": roll.rewards.mean().item(),
             "reward_std": roll.rewards.std().item(),
             "mse_nrm": roll.mse.mean().item(),
-            "kl": torch.cat(kl_rows).mean().item(),
+            "kl": kl_N.mean().item(),
             "length": sum(lengths) / n,
             "failed": sum(f is not None for f in roll.failures) / n,
             "truncated": sum(f == "truncated" for f in roll.failures) / n,
