@@ -28,9 +28,7 @@ from nla_repro.seeds import derive_seed
 from nla_repro.templates import claims, join_claims, load_template, parse_explanation
 
 
-def judge_backends(
-    cfg, base, base_dir: Path, shared=None
-) -> tuple[Backend | None, Backend | None]:
+def judge_backends(cfg, base, base_dir: Path, shared=None) -> tuple[Backend | None, Backend | None]:
     """(judge, paraphraser) from the eval params `cfg` (an EvalConfig): the judge greedy, the
     paraphraser the same backend sampling at `paraphrase_temperature`; (None, None) for
     judge_backend none."""
