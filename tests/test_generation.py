@@ -6,7 +6,7 @@ import peft
 import torch
 from conftest import tiny_llama, tiny_tokenizer
 
-from nla_repro.generation import decode, stop_ids
+from nla_repro.generation import decode, draw, stop_ids
 from nla_repro.models import SharedBase, load_base, pad_batch, shared_copy
 
 
@@ -123,3 +123,32 @@ def test_shared_copy_shares_every_weight_and_keeps_peft_and_truncation_apart(tmp
     assert len(c.model.layers) == len(fresh.model.layers)
     copy_ = shared_copy(fresh)
     assert copy_.lm_head.weight is fresh.lm_head.weight
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 2.0]])  # row 2 unnormalized
+    torch.manual_seed(0)
+    n = 40_000
+    picks = torch.stack([draw(probs) for _ in range(n)])  # (n, 2)
+    share = torch.bincount(picks[:, 0], minlength=4).double() / n
+    # 4 standard errors of a share of 0.5 at n = 40k is 0.01.
+    assert torch.allclose(share, torch.tensor([0.5, 0.0, 0.3, 0.2], dtype=torch.float64), atol=0.01)
+    assert (picks[:, 1] == 3).all()
+    assert not (picks[:, 0] == 1).any()
+
+
+def test_nucleus_from_the_top_candidates_equals_the_full_sort(monkeypatch):
+    from nla_repro import generation
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 50) * 3, dim=-1)
+    full_kept, full_order = generation._nucleus(probs, 0.9)  # 50 <= 1024: one topk of all
+    for candidates in (8, 40):
+        monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", candidates)
+        kept, order = generation._nucleus(probs, 0.9)
+        for r in range(3):
+            want = set(full_order[r][full_kept[r] > 0].tolist())
+            assert set(order[r][kept[r] > 0].tolist()) == want
+    # The nucleus is the smallest prefix reaching 0.9: without its last token it falls short.
+    size = int((full_kept[0] > 0).sum())
+    assert full_kept[0][: size - 1].sum() < 0.9 <= full_kept[0][:size].sum() + 1e-6

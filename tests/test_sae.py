@@ -106,7 +106,6 @@ def test_sparse_encoder_backward_equals_dense_autograd():
     with torch.no_grad():
         sae.b_enc.uniform_(-0.5, 0.5)
         sae.b_dec.normal_()
-    x = torch.randn(9, 12)
     weights = torch.randn(9, 12)
 
     def dense_forward(x):
@@ -116,8 +115,10 @@ def test_sparse_encoder_backward_equals_dense_autograd():
     grads = []
     for forward in (sae.forward, dense_forward):
         sae.zero_grad()
+        x = torch.randn(9, 12, generator=torch.Generator().manual_seed(2), requires_grad=True)
         (forward(x) * weights).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()} | {"x": x.grad})
+    assert set(grads[0]) == {"W_enc", "W_dec", "b_enc", "b_dec", "x"}
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-5)
     assert (grads[0]["W_enc"].abs().sum(dim=1) > 0).sum() <= 9 * 5  # only selected latents

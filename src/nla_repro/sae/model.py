@@ -20,12 +20,15 @@ from torch import nn
 
 
 class _SparseTopKEncode(torch.autograd.Function):
-    """TopK(ReLU(xc W_enc^T + b_enc)) whose backward touches only the k selected latents per
-    row: the encoder's weight gradient costs B*k*d instead of a dense B*d_sae*d matmul."""
+    """TopK(ReLU((x - b_dec) W_enc^T + b_enc)) whose backward touches only the k selected
+    latents per row: the encoder's weight gradient costs B*k*d instead of a dense B*d_sae*d
+    matmul, and b_dec's gradient is -grad(b_enc) @ W_enc (the sum over rows of the input
+    gradient, an S x d product instead of a B*k*d gather)."""
 
     @staticmethod
-    def forward(ctx, xc_BD, w_enc_SD, b_enc_S, k: int):
-        pre_BS = torch.relu(torch.addmm(b_enc_S, xc_BD, w_enc_SD.T))
+    def forward(ctx, x_BD, b_dec_D, w_enc_SD, b_enc_S, k: int):
+        xc_BD = x_BD - b_dec_D
+        pre_BS = torch.addmm(b_enc_S, xc_BD, w_enc_SD.T).relu_()
         acts_BK, idx_BK = pre_BS.topk(k, dim=-1, sorted=False)
         ctx.save_for_backward(xc_BD, w_enc_SD, acts_BK, idx_BK)
         ctx.mark_non_differentiable(idx_BK)
@@ -36,10 +39,10 @@ class _SparseTopKEncode(torch.autograd.Function):
         xc_BD, w_enc_SD, acts_BK, idx_BK = ctx.saved_tensors
         grad_BK = grad_acts_BK * (acts_BK > 0)  # ReLU
         n_rows, k = idx_BK.shape
-        grad_xc = grad_w = grad_b = None
+        grad_x = grad_b_dec = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_xc = sparse_decode(grad_BK, idx_BK, w_enc_SD)
-        if ctx.needs_input_grad[1]:
+            grad_x = sparse_decode(grad_BK, idx_BK, w_enc_SD)
+        if ctx.needs_input_grad[2]:
             rows = torch.arange(n_rows, device=idx_BK.device).repeat_interleave(k)
             # (S, B) gradient of the pre-activations, k non-zeros per column.
             sparse_SB = torch.sparse_coo_tensor(
@@ -49,11 +52,15 @@ class _SparseTopKEncode(torch.autograd.Function):
                 check_invariants=False,  # built from topk indices: in range by construction
             )
             grad_w = torch.sparse.mm(sparse_SB, xc_BD)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros_like(w_enc_SD[:, 0]).index_add_(
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            # The pre-activation gradient summed per latent: b_enc's gradient.
+            grad_S = torch.zeros_like(w_enc_SD[:, 0]).index_add_(
                 0, idx_BK.flatten(), grad_BK.flatten()
             )
-        return grad_xc, grad_w, grad_b, None
+            grad_b = grad_S if ctx.needs_input_grad[3] else None
+            if ctx.needs_input_grad[1]:
+                grad_b_dec = -(grad_S @ w_enc_SD)
+        return grad_x, grad_b_dec, grad_w, grad_b, None
 
 
 def sparse_decode(acts_BK: torch.Tensor, idx_BK: torch.Tensor, w_SD: torch.Tensor) -> torch.Tensor:
@@ -81,7 +88,7 @@ class TopKSAE(nn.Module):
 
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k activations and their latent indices: (B, k), (B, k); k-sparse backward."""
-        return _SparseTopKEncode.apply(x_BD - self.b_dec, self.W_enc, self.b_enc, self.k)
+        return _SparseTopKEncode.apply(x_BD, self.b_dec, self.W_enc, self.b_enc, self.k)
 
     def decode(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
         return sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec

@@ -121,7 +121,9 @@ class Trainer:
 
     def __init__(self, sae: TopKSAE, settings: TrainSettings) -> None:
         self.sae, self.settings = sae, settings
-        self.opt = torch.optim.Adam(sae.parameters(), lr=settings.lr, eps=6.25e-10)
+        # fused: one kernel for the whole update (CPU and CUDA since torch 2.4), a tenth of a
+        # step faster than the per-tensor loop on the 2-core CPU; the same Adam.
+        self.opt = torch.optim.Adam(sae.parameters(), lr=settings.lr, eps=6.25e-10, fused=True)
         warm = max(settings.warmup_steps, 1)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
         self.dead = DeadLatents(sae.d_sae, settings.dead_tokens)
