@@ -1,5 +1,6 @@
-"""The one decoding loop: every sampled or greedy continuation the pipeline writes (AV
-explanations in eval and RL rollouts, the local labeler's and judge's text).
+"""The one decoding loop: every sampled or greedy continuation the pipeline writes (the
+generated corpus documents, AV explanations in eval and RL rollouts, the local labeler's and
+judge's text).
 
 Why not `model.generate`: on a CPU a decode step of a model this size is bound by streaming its
 weights, not by arithmetic, so what pays is fewer and fuller steps. The loop

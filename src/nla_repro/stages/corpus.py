@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from nla_repro import config as C
 from nla_repro.errors import SourceError
+from nla_repro.generation import decode, stop_ids
 from nla_repro.io import ChunkStore, fingerprint, sha256_file, write_json, write_parquet
 from nla_repro.models import load_base, read_base_meta, render_chat
 from nla_repro.pipeline import code_sha256, stage_view
@@ -107,17 +108,16 @@ def _generate_batch(model, tokenizer, batch, cfg: C.CorpusConfig, seed: int) -> 
     enc = enc.to(model.device)
     # Seeded per batch, so a resumed run draws the same samples as an uninterrupted one.
     torch.manual_seed(derive_seed(cfg.seed, 0, seed))
-    with torch.inference_mode():
-        out = model.generate(
-            **enc,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new_tokens = out[:, enc["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    got = decode(
+        model,
+        enc["attention_mask"],
+        [cfg.temperature] * len(batch),
+        cfg.max_new_tokens,
+        stop_ids(model, tokenizer),
+        top_p=cfg.top_p,
+        input_ids=enc["input_ids"],
+    )
+    return tokenizer.batch_decode(got.tokens, skip_special_tokens=True)
 
 
 def _looks_like_prose(paragraph: str) -> bool:
