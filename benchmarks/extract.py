@@ -1,20 +1,29 @@
 """Benchmark of the extract stage's early-exit residual capture against a plain HF forward.
 
-Runs this project's extractor (`extract_batch`: hook on block L, forward stopped there) and a
-plain `model(..., output_hidden_states=True)` on the same padded batches, interleaved, and
-prints one JSON object to stdout: tokens/s of both and their ratio, the analytic FLOP limit of
-that ratio (full forward / blocks 0..L), achieved GFLOP/s against a torch.mm fp32 peak
-measured in the same run, and pass/fail booleans. Logs go to stderr.
+Runs this project's extractor (`extract_batch`: hook on block L, forward stopped there), a
+plain `model(..., output_hidden_states=True)` and TransformerLens's
+`run_with_cache(names_filter="blocks.L.hook_resid_post", stop_at_layer=L + 1)` (the call
+SAELens's activation store makes) on the same padded batches, interleaved, and prints one JSON
+object to stdout: tokens/s of each and the ratios, the analytic FLOP limit of the HF ratio
+(full forward / blocks 0..L), achieved GFLOP/s of each against a torch.mm fp32 peak measured
+in the same run, the largest difference between their vectors, and pass/fail booleans. When
+TransformerLens cannot build the model offline, its entry says why (`skipped`) and the rest
+still runs. No network: HF_HUB_OFFLINE=1 in this process. Logs go to stderr.
 
     python benchmarks/extract.py --n-texts 64 --batch-size 16 --max-length 128 --repeats 3
 """
 
 from __future__ import annotations
 
+import os
+
+# Before huggingface_hub is imported (it reads this once): local files only, no Hub calls.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import argparse
+import contextlib
 import json
 import logging
-import os
 import platform
 import random
 import statistics
@@ -27,7 +36,7 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from nla_repro.models import adapt, load_base, pad_batch, tokenize
+from nla_repro.models import adapt, load_base, pad_batch, read_base_meta, tokenize
 from nla_repro.platform import peak_rss_mb
 from nla_repro.stages.extract import extract_batch
 
@@ -130,6 +139,86 @@ def flops_per_token(cfg: PretrainedConfig, t_attn: float) -> dict:
     return {"per_layer": layer, "layer_total": total, "lm_head": 2 * d * cfg.vocab_size}
 
 
+def short_error(err: Exception) -> str:
+    """One line for the result; TransformerLens's unknown-name ValueError lists every official
+    name: keep the sentence, not the list."""
+    text = str(err).split(" Valid official model names")[0].strip().splitlines()
+    return f"{type(err).__name__}: {(text[0] if text else '')[:200]}"
+
+
+def build_transformer_lens(model_dir: str, hf_model, tokenizer, official_name: str | None):
+    """A HookedTransformer holding the loaded HF model's weights, built offline, and how it
+    was built; (None, {"skipped": why}) when it cannot be.
+
+    First `HookedTransformer.from_pretrained(official_name, hf_model=..., tokenizer=...)` with
+    from_pretrained's default processing. SmolLM2 is not among TransformerLens's official
+    names, so that raises; then the same steps from_pretrained runs, on the local model folder
+    (TransformerLens's loaders take a local path with a config.json: the architecture, Llama
+    here, comes from that config): get_pretrained_model_config, get_pretrained_state_dict with
+    hf_model, HookedTransformer(cfg, tokenizer), load_and_process_state_dict."""
+    try:
+        import transformer_lens
+        from transformer_lens import HookedTransformer
+        from transformer_lens import loading_from_pretrained as tl_loading
+    except Exception as err:  # not installed or broken: say so, do not fail the benchmark
+        return None, {"skipped": f"import transformer_lens: {type(err).__name__}: {err}"}
+    version = getattr(transformer_lens, "__version__", None)
+    if version is None:
+        from importlib import metadata
+
+        version = metadata.version("transformer_lens")
+    info: dict = {"version": version}
+    # fold_ln etc. left at from_pretrained's defaults; with RMSNorm they leave the residual
+    # stream unchanged (folding moves the norm weights into the next linears; centring the
+    # writing weights applies to LayerNorm only), so hook_resid_post is HF's hidden state.
+    processing = {
+        "fold_ln": True,
+        "center_writing_weights": True,
+        "center_unembed": True,
+        "fold_value_biases": True,
+    }
+    # from_pretrained prints a line to stdout; stdout is this benchmark's JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        if official_name:
+            try:
+                model = HookedTransformer.from_pretrained(
+                    official_name,
+                    hf_model=hf_model,
+                    tokenizer=tokenizer,
+                    device="cpu",
+                    dtype=hf_model.dtype,
+                    **processing,
+                )
+                info["built_with"] = f"HookedTransformer.from_pretrained({official_name!r})"
+                return model.eval(), info
+            except Exception as err:
+                info["from_pretrained_error"] = short_error(err)
+        try:
+            cfg = tl_loading.get_pretrained_model_config(
+                model_dir, fold_ln=True, device="cpu", dtype=hf_model.dtype
+            )
+            state = tl_loading.get_pretrained_state_dict(
+                model_dir, cfg, hf_model, dtype=hf_model.dtype
+            )
+            model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+            model.load_and_process_state_dict(state, **processing)
+            model.move_model_modules_to_device()
+        except Exception as err:
+            why = info.pop("from_pretrained_error", None)
+            reason = f"local build: {short_error(err)}"
+            info["skipped"] = f"from_pretrained: {why}; {reason}" if why else reason
+            return None, info
+    info["built_with"] = (
+        f"from_pretrained's steps on the local folder {model_dir} "
+        "(get_pretrained_model_config, get_pretrained_state_dict(hf_model=...), "
+        "HookedTransformer(cfg, tokenizer), load_and_process_state_dict)"
+    )
+    info["architecture"] = cfg.original_architecture
+    info["normalization_type"] = cfg.normalization_type
+    info["processing"] = processing
+    return model.eval(), info
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default="models/base")
@@ -147,6 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--peak-repeats", type=int, default=10)
+    p.add_argument(
+        "--transformer-lens",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time TransformerLens run_with_cache (--no-transformer-lens: HF only)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -157,6 +252,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= args.layer < arch.n_layers:
         p.error(f"--layer {args.layer}: model has {arch.n_layers} blocks")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    hook_name = f"blocks.{args.layer}.hook_resid_post"
+    if args.transformer_lens:
+        meta = read_base_meta(args.model_dir)
+        official = (meta.get("source") or {}).get("name")
+        tl_model, tl_info = build_transformer_lens(args.model_dir, model, tokenizer, official)
+        if tl_model is None:
+            log.warning("TransformerLens skipped: %s", tl_info["skipped"])
+    else:
+        tl_model, tl_info = None, {"skipped": "--no-transformer-lens"}
 
     texts, source = load_texts(args.n_texts, args.max_length, args.concat)
     tok_s = min(timed(lambda: tokenize(tokenizer, texts, args.max_length)) for _ in range(3))
@@ -184,7 +288,19 @@ def main(argv: list[str] | None = None) -> dict:
         cols = [offsets[r] + q for r, ps in enumerate(pos) for q in ps]
         return hidden[rows, cols].float().cpu().numpy()
 
+    def run_tl(b: list[list[int]], pos: list[list[int]]) -> np.ndarray:
+        ids, mask, offsets, _ = pad_batch(b, pad_id, args.padding_side)
+        _, cache = tl_model.run_with_cache(
+            ids, attention_mask=mask, names_filter=hook_name, stop_at_layer=args.layer + 1
+        )
+        rows = [r for r, ps in enumerate(pos) for _ in ps]
+        cols = [offsets[r] + q for r, ps in enumerate(pos) for q in ps]
+        return cache[hook_name][rows, cols].float().cpu().numpy()
+
     runners = {"extractor": run_extractor, "hf": run_hf}
+    if tl_model is not None:
+        runners["transformer_lens"] = run_tl
+    names = list(runners)
     # times[name][batch] = wall seconds of that batch in each repeat.
     times = {name: [[] for _ in batches] for name in runners}
     load_before = os.getloadavg()
@@ -192,25 +308,30 @@ def main(argv: list[str] | None = None) -> dict:
         # Warm-up on one batch each: allocator growth and MKL/oneDNN kernel selection.
         for fn in runners.values():
             fn(batches[0], positions[0])
-        max_diff = 0.0
+        diff = {name: 0.0 for name in names[1:]}  # vs the extractor's vectors
+        scale = 0.0  # largest |value| read, for a relative difference
         for r in range(args.repeats):
             for i, (b, pos) in enumerate(zip(batches, positions, strict=True)):
-                # Interleave per batch and alternate the order, so that bursts of load from
-                # other processes on a shared machine hit both methods alike; the per-batch
+                # Interleave per batch and rotate the order, so that bursts of load from
+                # other processes on a shared machine hit every method alike; the per-batch
                 # minimum over repeats then filters out the bursts.
                 out = {}
-                for name in ("extractor", "hf") if (r + i) % 2 == 0 else ("hf", "extractor"):
+                k = (r + i) % len(names)
+                for name in names[k:] + names[:k]:
                     start = time.perf_counter()
                     out[name] = runners[name](b, pos)
                     times[name][i].append(time.perf_counter() - start)
-                # Both must read the same vectors, or the speed comparison means nothing.
-                max_diff = max(max_diff, float(np.abs(out["extractor"] - out["hf"]).max()))
+                # All must read the same vectors, or the speed comparison means nothing.
+                for name in diff:
+                    gap = float(np.abs(out["extractor"] - out[name]).max())
+                    diff[name] = max(diff[name], gap)
+                scale = max(scale, float(np.abs(out["extractor"]).max()))
             log.info(
-                "repeat %d: extractor %.2f s, hf %.2f s",
+                "repeat %d: %s",
                 r,
-                sum(t[-1] for t in times["extractor"]),
-                sum(t[-1] for t in times["hf"]),
+                ", ".join(f"{n} {sum(t[-1] for t in times[n]):.2f} s" for n in names),
             )
+        max_diff = diff["hf"]
         # Rows of the model's matmuls: the largest batch's padded tokens.
         peak = matmul_peak(
             max(w * len(b) for w, b in zip(widths, batches, strict=True)),
@@ -240,6 +361,26 @@ def main(argv: list[str] | None = None) -> dict:
     tps = {k: real / v for k, v in best.items()}
     ratio = tps["extractor"] / tps["hf"]
     gflops_ext = ext_flops / best["extractor"] / 1e9
+    if tl_model is not None:
+        # stop_at_layer=L+1: TransformerLens computes blocks 0..L, the extractor's FLOPs.
+        gflops_tl = ext_flops / best["transformer_lens"] / 1e9
+        tl_info |= {
+            "call": f"run_with_cache(ids, attention_mask=mask, names_filter={hook_name!r}, "
+            f"stop_at_layer={args.layer + 1})",
+            "tokens_per_s": round(tps["transformer_lens"], 1),
+            "median_tokens_per_s": round(real / median["transformer_lens"], 1),
+            "best_pass_s": round(best["transformer_lens"], 3),
+            "pass_s": passes["transformer_lens"],
+            "gflops": round(gflops_tl, 2),
+            "fraction_of_peak": round(gflops_tl / peak["best_gflops"], 4),
+            "extractor_speedup_ratio": round(tps["extractor"] / tps["transformer_lens"], 4),
+            "median_extractor_speedup_ratio": round(
+                median["transformer_lens"] / median["extractor"], 4
+            ),
+            "flop_limit_ratio": 1.0,  # same blocks computed
+            "correctness_max_abs_diff_vs_extractor": diff["transformer_lens"],
+            "correctness_max_rel_diff_vs_extractor": diff["transformer_lens"] / max(scale, 1e-30),
+        }
     result = {
         "extractor_tokens_per_s": round(tps["extractor"], 1),
         "hf_full_forward_tokens_per_s": round(tps["hf"], 1),
@@ -248,6 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
         "fraction_of_limit": round(ratio / limit, 4),
         "extractor_gflops": round(gflops_ext, 2),
         "hf_full_forward_gflops": round(full_flops / best["hf"] / 1e9, 2),
+        "hf_full_forward_fraction_of_peak": round(
+            full_flops / best["hf"] / 1e9 / peak["best_gflops"], 4
+        ),
         "matmul_peak_gflops": peak["best_gflops"],
         "fraction_of_peak": round(gflops_ext / peak["best_gflops"], 4),
         "meets_limit_target": ratio / limit >= LIMIT_TARGET,
@@ -276,6 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "matmul_peak": peak,
         "correctness_max_abs_diff_vs_hf_hidden_states": max_diff,
+        "correctness_max_abs_value": scale,
+        "transformer_lens": tl_info,
         "peak_rss_mb": peak_rss_mb(),
         "data": {
             "text_source": source,

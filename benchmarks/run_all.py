@@ -60,6 +60,10 @@ QUICK_ARGS = {
     "sae": ["--tokens", "8192", "--block", "2"],
     "sft": ["--steps", "1", "--warmup", "1", "--rows", "16"],
     "rl": ["--steps", "1", "--warmup", "0"],
+    "generation": [
+        *("--rows", "4", "--rl-vectors", "1"),
+        *("--repeats", "1", "--peak-repeats", "2"),
+    ],
 }
 STDERR_TAIL = 3000
 # Scripts here that are not throughput benchmarks, with why run_all leaves them out.
@@ -338,6 +342,42 @@ def _headline_rows(name: str, record: dict) -> list[tuple[str, str, str]]:
                 _num(r.get("seconds_per_step"), 2),
             ),
         ]
+    if name == "generation":
+        rows = []
+        for shape, label in (("eval", "eval shape"), ("rl", "RL rollout shape")):
+            s = (r.get("shapes") or {}).get(shape)
+            if s is None:
+                continue
+            ours, plain = s.get("ours", {}), s.get("plain", {})
+            rows += [
+                ("generation", f"{label}: ours tokens/s", _num(ours.get("tokens_per_s"), 1)),
+                (
+                    "generation",
+                    f"{label}: HF generate tokens/s",
+                    _num(plain.get("tokens_per_s"), 1),
+                ),
+                (
+                    "generation",
+                    f"{label}: ratio vs HF generate (median)",
+                    f"{_num(s.get('speedup_ratio'), 2)}x "
+                    f"({_num(s.get('median_speedup_ratio'), 2)}x)",
+                ),
+                (
+                    "generation",
+                    f"{label}: fraction of matmul peak, ours vs HF generate",
+                    f"{_num(ours.get('fraction_of_peak'), 2)} vs "
+                    f"{_num(plain.get('fraction_of_peak'), 2)}",
+                ),
+            ]
+        if "greedy_rows" in r:
+            rows.append(
+                (
+                    "generation",
+                    "greedy rows identical to HF generate",
+                    f"{_num(r.get('greedy_identical_rows'))} of {_num(r.get('greedy_rows'))}",
+                )
+            )
+        return rows
     if name == "sft":
         rows = []
         for model in ("av", "ar"):
@@ -360,6 +400,96 @@ def _headline_rows(name: str, record: dict) -> list[tuple[str, str, str]]:
         for key, value in r.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     ]
+
+
+def _yes(flag: object) -> str:
+    return "n/a" if flag is None else ("yes" if flag else "NO")
+
+
+def peer_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """(loop, ours, peer, ratio, target, met) for each loop measured against the tool a user
+    would pick instead, in the same run of its benchmark."""
+    bench = {n: rec.get("result") or {} for n, rec in results.get("benchmarks", {}).items()}
+    rows = []
+    if r := bench.get("extract"):
+        frac = r.get("fraction_of_peak")
+        rows.append(
+            (
+                "extraction",
+                f"{_num(r.get('extractor_tokens_per_s'))} tok/s",
+                f"HF forward {_num(r.get('hf_full_forward_tokens_per_s'))} tok/s",
+                f"{_num(r.get('speedup_ratio'), 2)}x",
+                "matmul peak >= 0.85",
+                f"{_yes(None if frac is None else frac >= 0.85)} ({_num(frac, 2)})",
+            )
+        )
+        tl = r.get("transformer_lens") or {}
+        if "tokens_per_s" in tl:
+            rows.append(
+                (
+                    "extraction",
+                    f"{_num(r.get('extractor_tokens_per_s'))} tok/s",
+                    f"TransformerLens {tl.get('version', '?')} run_with_cache "
+                    f"{_num(tl['tokens_per_s'])} tok/s",
+                    f"{_num(tl.get('extractor_speedup_ratio'), 2)}x",
+                    "same vectors",
+                    f"max abs diff {_num(tl.get('correctness_max_abs_diff_vs_extractor'), 6)}",
+                )
+            )
+        elif tl.get("skipped"):
+            rows.append(("extraction", "", "TransformerLens", "skipped", "", tl["skipped"][:80]))
+    if r := bench.get("sft"):
+        for model in ("av", "ar"):
+            m = r.get(model) or {}
+            peer = m.get("hf_trainer")
+            if not peer:
+                continue
+            rows.append(
+                (
+                    f"SFT step ({model.upper()})",
+                    f"{_num(m.get('tokens_per_s'), 1)} tok/s, "
+                    f"loss {_num(m.get('loss_last_steps'), 3)}",
+                    f"HF Trainer + PEFT {_num(peer.get('tokens_per_s'), 1)} tok/s, "
+                    f"loss {_num(peer.get('loss_last_steps'), 3)}",
+                    f"{_num(m.get('speed_ratio'), 2)}x",
+                    ">= 1.3x at equal loss",
+                    _yes(m.get("meets_target_at_equal_loss")),
+                )
+            )
+    if r := bench.get("generation"):
+        for shape, label in (("eval", "eval shape"), ("rl", "RL rollout shape")):
+            sh = (r.get("shapes") or {}).get(shape)
+            if sh is None:
+                continue
+            rows.append(
+                (
+                    f"generation ({label}, {sh.get('rows')} rows)",
+                    f"{_num(sh['ours'].get('tokens_per_s'), 1)} tok/s",
+                    f"HF generate {_num(sh['plain'].get('tokens_per_s'), 1)} tok/s",
+                    f"{_num(sh.get('speedup_ratio'), 2)}x",
+                    ">= 1.5x",
+                    _yes(sh.get("meets_speedup_target")),
+                )
+            )
+    if r := bench.get("sae"):
+        ours, theirs = r.get("ours", {}), r.get("saelens", {})
+        roof = r.get("roofline") or {}
+        passed = r.get("pass") or {}
+        met = None if not passed else passed.get("speed") and passed.get("explained_variance")
+        rows.append(
+            (
+                "SAE step",
+                f"{_num(ours.get('tokens_per_s'))} tok/s, "
+                f"EV {_num(ours.get('explained_variance'), 3)}",
+                f"SAELens {theirs.get('version', '?')} {_num(theirs.get('tokens_per_s'))} tok/s, "
+                f"EV {_num(theirs.get('explained_variance'), 3)}",
+                f"{_num(r.get('speed_ratio'), 2)}x",
+                ">= 5x at equal EV",
+                f"{_yes(met)} (roofline: ours {_num(roof.get('ours_fraction_of_roofline'), 2)}, "
+                f"SAELens {_num(roof.get('saelens_fraction_of_roofline'), 2)})",
+            )
+        )
+    return rows
 
 
 def markdown_table(results: dict) -> str:
@@ -411,6 +541,15 @@ def markdown_table(results: dict) -> str:
         lines.append(
             f"| pipeline ({label}) | all stages | {_num(times.get('total_wall_s'), 0, 's')} |"
         )
+    if peers := peer_rows(results):
+        lines += [
+            "",
+            "Against the tool a user would pick instead (same run, same data and settings):",
+            "",
+            "| loop | ours | peer | ratio | target | met |",
+            "|---|---|---|---|---|---|",
+            *("| " + " | ".join(row) + " |" for row in peers),
+        ]
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ MACHINE = {
     "date_utc": "2026-12-02T03:00:00Z",
 }
 
-# The keys each benchmark prints (benchmarks/{extract,sae,sft}.py), with the README's numbers.
+# The keys each benchmark prints (benchmarks/{extract,sae,sft}.py), with earlier numbers.
 RESULTS = {
     "machine": MACHINE,
     "benchmarks": {
@@ -66,6 +66,11 @@ RESULTS = {
                     "explained_variance": 0.742,
                 },
                 "speed_ratio": 3.4,
+                "pass": {"speed": False, "explained_variance": True},
+                "roofline": {
+                    "ours_fraction_of_roofline": 0.35,
+                    "saelens_fraction_of_roofline": 0.1,
+                },
             },
         },
         "sft": {
@@ -92,12 +97,17 @@ RESULTS = {
 }
 
 
-def table_rows(table: str) -> list[list[str]]:
-    return [
-        [cell.strip() for cell in line.strip("|").split("|")]
-        for line in table.splitlines()
-        if line.startswith("| ") and not line.startswith("| benchmark |")
-    ]
+def table_rows(table: str, header: str = "| benchmark |") -> list[list[str]]:
+    """The body rows of the Markdown table whose header line starts with `header`."""
+    rows, inside = [], False
+    for line in table.splitlines():
+        if line.startswith(header):
+            inside = True
+        elif inside and line.startswith("| "):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif inside and not line.startswith("|---"):
+            inside = False
+    return rows
 
 
 def test_markdown_table_has_one_row_per_headline_number():
@@ -319,3 +329,44 @@ def test_table_prints_an_existing_results_file_without_running(bench_dir, monkey
     monkeypatch.setattr(run_all, "run_benchmark", no_run)
     assert run_all.main(["--table", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == run_all.markdown_table(RESULTS)
+
+
+def test_peers_side_by_side_with_their_targets():
+    results = json.loads(json.dumps(RESULTS))
+    bench = results["benchmarks"]
+    bench["extract"]["result"]["transformer_lens"] = {
+        "version": "2.16.1",
+        "tokens_per_s": 410.0,
+        "extractor_speedup_ratio": 2.6854,
+        "correctness_max_abs_diff_vs_extractor": 3.1e-05,
+    }
+    bench["sft"]["result"]["av"] |= {
+        "loss_last_steps": 3.267,
+        "speed_ratio": 1.044,
+        "meets_target_at_equal_loss": False,
+        "hf_trainer": {"tokens_per_s": 145.5, "loss_last_steps": 3.2705},
+    }
+    shape = {
+        "rows": 48,
+        "ours": {"tokens_per_s": 110.2},
+        "plain": {"tokens_per_s": 63.5},
+        "speedup_ratio": 1.7354,
+        "meets_speedup_target": True,
+    }
+    bench["generation"] = {"ok": True, "result": {"shapes": {"eval": shape}}}
+    table = run_all.markdown_table(results)
+    rows = {r[0] + " / " + r[2].split(" ")[0]: r for r in table_rows(table, "| loop |")}
+    assert all(len(r) == 6 for r in rows.values())
+    assert rows["extraction / HF"][3:] == ["1.91x", "matmul peak >= 0.85", "yes (0.88)"]
+    assert rows["extraction / TransformerLens"][2:4] == [
+        "TransformerLens 2.16.1 run_with_cache 410 tok/s",
+        "2.69x",
+    ]
+    av = rows["SFT step (AV) / HF"]
+    assert av[1] == "142.0 tok/s, loss 3.267" and av[3:] == ["1.04x", ">= 1.3x at equal loss", "NO"]
+    assert "SFT step (AR) / HF" not in rows  # no peer measured: no row
+    assert rows["generation (eval shape, 48 rows) / HF"][3:] == ["1.74x", ">= 1.5x", "yes"]
+    sae = rows["SAE step / SAELens"]
+    assert sae[3] == "3.40x" and sae[5] == "NO (roofline: ours 0.35, SAELens 0.10)"
+    # The headline table above it still parses on its own.
+    assert all(len(r) == 3 for r in table_rows(table))
