@@ -72,6 +72,8 @@ SKIPPED = {
     "a dep of the card stage; run it on its own",
     "rl_levers": "an RL lever sweep (short GRPO runs, each scored on the test rows) that "
     "rewrites benchmarks/rl_levers.json, a dep of the card stage; run it on its own",
+    "tolerances": "not a benchmark: a Markdown summary of verify's report "
+    "(.nla_work/verify.json) after a rebuild",
 }
 
 

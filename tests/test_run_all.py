@@ -370,3 +370,11 @@ def test_peers_side_by_side_with_their_targets():
     assert sae[3] == "3.40x" and sae[5] == "NO (roofline: ours 0.35, SAELens 0.10)"
     # The headline table above it still parses on its own.
     assert all(len(r) == 3 for r in table_rows(table))
+
+
+def test_every_script_run_all_finds_in_benchmarks_is_a_benchmark_it_has_rows_for():
+    # A helper script in benchmarks/ (tolerances.py prints Markdown, not JSON) must be listed
+    # in SKIPPED, or `run_all` runs it and fails on it.
+    found = set(run_all.discover(ROOT / "benchmarks"))
+    assert found == {"extract", "generation", "rl", "sae", "sft"}
+    assert {"levers", "rl_levers", "tolerances"} <= set(run_all.SKIPPED)
