@@ -93,6 +93,22 @@ def load_texts(n: int, max_length: int, concat: bool = True) -> tuple[list[str],
     return synthetic_texts(n, min_words), f"synthetic (seed 0, >= {min_words} words each)"
 
 
+def machine_record(load_before: tuple[float, float, float]) -> dict:
+    """The machine a benchmark ran on and the 1-minute load average around it (`load_before`:
+    `os.getloadavg()` when it started). The run alone adds about torch_threads; more means
+    other processes competed."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "loadavg_1m_before": round(load_before[0], 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+    }
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -451,17 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
             "hf_call": "model(input_ids, attention_mask, output_hidden_states=True, "
             "use_cache=False)",
         },
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-            # This run alone adds about torch_threads; more means other processes competed.
-            "loadavg_1m_before": round(load_before[0], 2),
-            "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine_record(load_before),
     }
     return result
 

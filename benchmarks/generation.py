@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ from nla_repro.nla import injection_vectors, load_av
 from nla_repro.platform import peak_rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: extract.py's helpers
-from extract import flops_per_token, head_dim, matmul_peak
+from extract import flops_per_token, head_dim, machine_record, matmul_peak
 
 log = logging.getLogger("bench.generation")
 
@@ -424,17 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
             "attn_implementation": getattr(cfg, "_attn_implementation", None),
             **load,
         },
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-            # This run alone adds about torch_threads; more means other processes competed.
-            "loadavg_1m_before": round(load_before[0], 2),
-            "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine_record(load_before),
     }
     return result
 

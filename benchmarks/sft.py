@@ -46,7 +46,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,7 +56,12 @@ from importlib import metadata
 import numpy as np
 import peft
 import torch
-from extract import flops_per_token, head_dim, matmul_peak  # benchmarks/extract.py
+from extract import (  # benchmarks/extract.py
+    flops_per_token,
+    head_dim,
+    machine_record,
+    matmul_peak,
+)
 from torch import nn
 
 from nla_repro import config as C
@@ -598,17 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         vram = [report[n].get("peak_vram_gb", 0) for n in ("av", "ar") if n in report]
         report["vram_target_gb"] = VRAM_TARGET_GB
         report["fits_vram_target"] = max(vram) <= VRAM_TARGET_GB
-    report["machine"] = {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
-        # This run alone adds about torch_threads; more means other processes competed.
-        "loadavg_1m_before": round(load_before[0], 2),
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
-    }
+    report["machine"] = machine_record(load_before)
     print(json.dumps(report, indent=2))
     return 0
 
