@@ -7,7 +7,8 @@ params.yaml's base settings) and times two batch shapes, on the same vectors and
   `av.generate(cat([v, v.repeat_interleave(k)]), max_new, [0]*n + [T]*(n*k))` call (what
   evaluation/chunk.py runs); plain is what the code did before: `model.generate` greedy on the
   n rows, then `model.generate(do_sample=True, temperature=T, top_p=None, top_k=None)` on the
-  n*k rows, the injector armed around each call.
+  n*k rows, the injector armed around each call and PEFT's own LoRA layers swapped back in
+  (`stock_peft_layers`: ours runs the fused LoRA forward of `use_fast_lora`).
 - rl: rl.vectors_per_step train vectors, each repeated rl.group_size times, sampled at
   rl.temperature (ours: `av.sample`, what the GRPO rollout runs; plain: the old `sample`).
 After one warm-up of each, timed blocks alternate ours, plain, ours, plain, ... for --repeats,
@@ -41,6 +42,7 @@ from nla_repro import config as C
 from nla_repro.generation import Decoded
 from nla_repro.models import adapt
 from nla_repro.nla import injection_vectors, load_av
+from nla_repro.nla.adapters import stock_peft_layers
 from nla_repro.platform import peak_rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: extract.py's helpers
@@ -88,16 +90,17 @@ class Plain:
         ids = torch.tensor([av.prompt_ids] * len(vectors_ND), device=av._device())
         av.injector.arm(injection_vectors(vectors_ND, av.scale))
         try:
-            out = av.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=self.pad,
-            )
+            with stock_peft_layers(av.model):  # PEFT's LoRA forward, as a PEFT user runs it
+                out = av.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=self.pad,
+                )
         finally:
             av.injector.arm(None)
         return out[:, ids.shape[1] :]

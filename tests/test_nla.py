@@ -24,6 +24,7 @@ from nla_repro.nla import (
     mean_embedding_norm,
     training_pairs,
 )
+from nla_repro.nla.adapters import FusedLoraLinear, LoraDropout, stock_peft_layers
 from nla_repro.templates import load_template
 
 TEXTS = ["a flood in a river town", "code that adds two numbers", "the fox jumps", "bees and sun"]
@@ -31,7 +32,7 @@ TEXTS = ["a flood in a river town", "code that adds two numbers", "the fox jumps
 
 def make_av(model=None, scale=None, **cfg) -> ActivationVerbalizer:
     model = model if model is not None else tiny_llama()
-    av_cfg = C.AVConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, **cfg)
+    av_cfg = C.AVConfig(**{"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, **cfg})
     return ActivationVerbalizer(
         lora(model, av_cfg, av_cfg.unfreeze_norms),
         tiny_tokenizer(),
@@ -287,3 +288,55 @@ def test_mse_nrm_is_two_for_orthogonal_and_zero_for_parallel():
     b = torch.tensor([[0.0, 2.0], [5.0, 5.0]])
     assert mse_nrm(a[:1], b[:1]).item() == pytest.approx(2.0)
     assert mse_nrm(a[1:], b[1:]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lora_dropout_drops_p_of_the_elements_and_keeps_the_expectation():
+    drop = LoraDropout(0.05)
+    assert drop.keep_below == 62259 and drop.scale == 65536 / 62259
+    torch.manual_seed(0)
+    x = torch.full((400_000,), 2.0, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    # n = 4e5 draws of p = 0.05: sd 3.4e-4, so 0.05 +- 0.002 holds unless the masks are wrong.
+    assert abs(dropped - 0.05) < 0.002
+    kept = torch.tensor(2.0 * drop.scale, dtype=torch.float32).item()
+    assert set(torch.unique(y).tolist()) == {0.0, kept}
+    assert abs(y.mean().item() - 2.0) < 0.01
+    # The gradient is the same mask times the same scale.
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, y.detach() / 2.0)
+    # Masks differ between calls, follow the seed, and eval mode is the identity.
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y) and not torch.equal(drop(x), y)
+    assert drop.eval()(x) is x
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_lora_layer_matches_peft_forward_and_backward(training):
+    model = make_av(tiny_llama(), lora_dropout=0.1).model.train(training)
+    layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+    assert len(layers) == 4 * 7  # every targeted projection of the 4 blocks
+    assert all(isinstance(m.lora_dropout["default"], LoraDropout) for m in layers)
+    with torch.no_grad():  # B starts at zero: give the branch something to add
+        for m in layers:
+            m.lora_B["default"].weight.normal_(0, 0.1)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        torch.manual_seed(3)
+        out = model(input_ids=ids).logits
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out.square().mean(), params)
+
+    with stock_peft_layers(model):
+        assert not any(isinstance(m, FusedLoraLinear) for m in model.modules())
+        out_peft, grads_peft = run()
+    assert all(type(m) is FusedLoraLinear for m in layers)
+    out_fused, grads_fused = run()
+    torch.testing.assert_close(out_fused, out_peft, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads_fused, grads_peft, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    # With the adapter off, the layers are the base's.
+    with model.disable_adapter():
+        base_out = model(input_ids=ids).logits
+    assert not torch.allclose(base_out, out_fused, atol=1e-3)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from nla_repro.errors import ConfigError
 from nla_repro.models import SharedBase, load_base, truncate
+from nla_repro.nla.adapters import use_fast_lora
 from nla_repro.nla.reconstructor import HEAD_FILE, ActivationReconstructor
 from nla_repro.nla.verbalizer import ActivationVerbalizer, PrefixVerbalizer, VerbalizerBase
 from nla_repro.templates import PromptTemplate, load_template
@@ -54,6 +55,7 @@ def load_av(
         av.load(path)
     else:
         tuned = peft.PeftModel.from_pretrained(model, path)
+        use_fast_lora(tuned)
         av = ActivationVerbalizer(
             tuned, tokenizer, _template(meta, "av"), scale, params["max_length"]
         )
@@ -75,6 +77,7 @@ def load_ar(
     model, tokenizer = _base(base_dir, shared, load)
     truncate(model, meta["ar_num_layers"])
     tuned = peft.PeftModel.from_pretrained(model, path)
+    use_fast_lora(tuned)
     ar = ActivationReconstructor(
         tuned, tokenizer, _template(meta, "ar"), meta["params"]["max_length"]
     )

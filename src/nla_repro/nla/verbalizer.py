@@ -21,6 +21,7 @@ import peft
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from nla_repro.generation import Decoded, decode, stop_ids
 from nla_repro.models import (
@@ -39,11 +40,17 @@ PREFIX_FILE = "prefix.safetensors"
 
 def token_logprobs(logits_BKV: torch.Tensor, targets_BK: torch.Tensor) -> torch.Tensor:
     """Log-prob of each target token under the logits that predict it (aligned: column k of
-    the logits predicts column k of the targets), 0 where the target is IGNORE: (B, K)."""
-    mask = targets_BK != IGNORE
-    logits = logits_BKV.float()
-    picked = logits.gather(-1, targets_BK.clamp_min(0)[..., None])[..., 0]
-    return (picked - logits.logsumexp(dim=-1)) * mask
+    the logits predicts column k of the targets), 0 where the target is IGNORE: (B, K).
+    Through `cross_entropy`, whose backward is one fused softmax-minus-one-hot pass over the
+    vocabulary (a gather minus logsumexp took 1.7x its time, forward and backward)."""
+    batch, width, vocab = logits_BKV.shape
+    nll = F.cross_entropy(
+        logits_BKV.float().reshape(batch * width, vocab),
+        targets_BK.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    )
+    return -nll.view(batch, width)
 
 
 def response_positions(prompt_len: int, width: int) -> torch.Tensor:

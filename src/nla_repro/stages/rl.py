@@ -22,7 +22,7 @@ from nla_repro.errors import ConfigError
 from nla_repro.io import atomic_path, code_commit, sha256_file, write_yaml
 from nla_repro.models import SharedBase, load_base, read_base_meta
 from nla_repro.nla import build_ar
-from nla_repro.nla.adapters import save_adapter
+from nla_repro.nla.adapters import save_adapter, use_fast_lora
 from nla_repro.pipeline import code_sha256, stage_view
 from nla_repro.stages.sft_av import build_av
 from nla_repro.templates import load_template
@@ -59,6 +59,7 @@ def build(params: C.Params, cfg: C.RLConfig) -> tuple[GRPOTrainer, dict, dict]:
     av = build_av(params, model, tokenizer, load_template(params.av.prompt))
     av.load(C.AV_DIR)
     av.model.load_adapter(C.AV_DIR, adapter_name=REFERENCE_ADAPTER)  # frozen: is_trainable off
+    use_fast_lora(av.model)  # the reference adapter's layers and dropouts
     av.model.set_adapter(POLICY_ADAPTER)
     ar_model, ar_tokenizer = load_base(*shared.args) if separate else shared.load()
     template = load_template(params.ar.prompt)
