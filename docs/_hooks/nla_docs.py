@@ -283,7 +283,7 @@ def render_cards(root: Path) -> str:
         return (
             '!!! note "No cards in this checkout"\n'
             "    `cards/` is a DVC output (git-ignored). Make it with `dvc repro` (the whole\n"
-            "    pipeline, about 36 minutes on a CPU) or fetch it with `dvc pull` from a remote\n"
+            "    pipeline, about 34 minutes on a CPU) or fetch it with `dvc pull` from a remote\n"
             "    that holds this commit's outputs, then rebuild the site (`invoke docs`).\n"
         )
     out = []
