@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import peft
+import pytest
 import torch
 from conftest import tiny_llama, tiny_tokenizer
+from torch import nn
+from transformers.cache_utils import DynamicLayer
 
-from nla_repro.generation import decode, draw, stop_ids
+from nla_repro.generation import (
+    ROWS_FIRST_MAX,
+    ReservedLayer,
+    RowsFirstLinear,
+    decode,
+    draw,
+    rows_first,
+    stop_ids,
+)
 from nla_repro.models import SharedBase, load_base, pad_batch, shared_copy
 
 
@@ -152,3 +163,65 @@ def test_nucleus_from_the_top_candidates_equals_the_full_sort(monkeypatch):
     # The nucleus is the smallest prefix reaching 0.9: without its last token it falls short.
     size = int((full_kept[0] > 0).sum())
     assert full_kept[0][: size - 1].sum() < 0.9 <= full_kept[0][:size].sum() + 1e-6
+
+
+@pytest.mark.parametrize("rows", [1, 7, ROWS_FIRST_MAX, ROWS_FIRST_MAX + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_first_linear_computes_the_linear_layer(rows, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40, bias=bias)
+    x = torch.randn(rows, 1, 24)
+    want = layer(x)
+    layer.__class__ = RowsFirstLinear
+    got = layer(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The weight gets its gradient through either product.
+    (grad,) = torch.autograd.grad(got.square().sum(), layer.weight)
+    layer.__class__ = nn.Linear
+    (want_grad,) = torch.autograd.grad(layer(x).square().sum(), layer.weight)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_first_swaps_plain_float32_linears_only_and_always_swaps_back():
+    model = _model()
+    plain = [m for m in model.modules() if type(m) is nn.Linear]
+    half = nn.Linear(4, 4).to(torch.bfloat16)
+    model.add_module("half_precision", half)
+    with pytest.raises(RuntimeError, match="boom"), rows_first(model):
+        assert all(type(m) is RowsFirstLinear for m in plain)
+        assert type(half) is nn.Linear
+        raise RuntimeError("boom")
+    assert all(type(m) is nn.Linear for m in plain)
+
+
+def test_reserved_layer_returns_what_the_dynamic_layer_returns():
+    torch.manual_seed(0)
+    prompt_k, prompt_v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    dynamic = DynamicLayer()
+    dynamic.update(prompt_k, prompt_v)
+    reserved = ReservedLayer.from_layer(dynamic, extra=2)
+    assert torch.equal(reserved.keys, dynamic.keys) and reserved.get_seq_length() == 5
+    # Two steps fit the room, the third grows past it; a row leaves in between.
+    for step in range(3):
+        k, v = torch.randn(3 - (step > 0), 2, 1, 4), torch.randn(3 - (step > 0), 2, 1, 4)
+        if step == 1:
+            index = torch.tensor([0, 2])
+            dynamic.batch_select_indices(index)
+            reserved.batch_select_indices(index)
+        got, want = reserved.update(k, v), dynamic.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert reserved.get_seq_length() == dynamic.get_seq_length() == 6 + step
+        assert reserved.get_mask_sizes(1) == dynamic.get_mask_sizes(1)
+    reserved.crop(-2)
+    dynamic.crop(-2)
+    assert torch.equal(reserved.keys, dynamic.keys) and reserved.get_seq_length() == 6
+
+
+def test_decode_writes_the_same_tokens_through_the_reserved_cache_and_the_dynamic_one(monkeypatch):
+    model = _model()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    got = decode(model, torch.ones_like(ids), [0.0] * 3, 7, set(), input_ids=ids)
+    monkeypatch.setattr("nla_repro.generation.reserve", lambda cache, extra: None)
+    plain = decode(model, torch.ones_like(ids), [0.0] * 3, 7, set(), input_ids=ids)
+    assert got.tokens == plain.tokens and all(len(t) == 7 for t in got.tokens)

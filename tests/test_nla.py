@@ -8,6 +8,7 @@ import peft
 import pytest
 import torch
 from conftest import TINY_MODELS, tiny_llama, tiny_tokenizer
+from torch import nn
 
 from nla_repro import config as C
 from nla_repro.errors import DataValidationError
@@ -24,7 +25,7 @@ from nla_repro.nla import (
     mean_embedding_norm,
     training_pairs,
 )
-from nla_repro.nla.adapters import FusedLoraLinear, LoraDropout, stock_peft_layers
+from nla_repro.nla.adapters import FusedLoraLinear, LoraDropout, stock_peft_layers, use_fast_lora
 from nla_repro.templates import load_template
 
 TEXTS = ["a flood in a river town", "code that adds two numbers", "the fox jumps", "bees and sun"]
@@ -340,3 +341,38 @@ def test_fused_lora_layer_matches_peft_forward_and_backward(training):
     with model.disable_adapter():
         base_out = model(input_ids=ids).logits
     assert not torch.allclose(base_out, out_fused, atol=1e-3)
+
+
+def test_fused_lora_layer_leaves_a_b_bias_and_a_half_precision_base_to_peft_rules():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 10))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_bias=True)
+    model = peft.get_peft_model(base, config)
+    use_fast_lora(model)
+    layer = model.base_model.model[0]
+    assert type(layer) is FusedLoraLinear
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.5)
+        layer.lora_B["default"].bias.normal_(0, 0.5)
+    x = torch.randn(3, 12)
+    got = model(x)
+    with stock_peft_layers(model):
+        want = model(x)
+    # B's bias is added (PEFT's forward ran); without it the outputs would differ by it.
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got - layer.lora_B["default"].bias * layer.scaling["default"], want)
+    # A bfloat16 base with float32 adapters: the branch in float32, the result in bfloat16.
+    model2 = peft.get_peft_model(
+        nn.Sequential(nn.Linear(12, 10)), peft.LoraConfig(r=4, target_modules=["0"])
+    )
+    use_fast_lora(model2)
+    layer2 = model2.base_model.model[0]
+    layer2.base_layer.to(torch.bfloat16)
+    with torch.no_grad():
+        layer2.lora_B["default"].weight.normal_(0, 0.5)
+    xb = x.to(torch.bfloat16)
+    out = model2(xb)
+    with stock_peft_layers(model2):
+        ref = model2(xb)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

@@ -98,9 +98,10 @@ class FusedLoraLinear(PeftLoraLinear):
     computes the B product, the scaling (the dropout's too) and the sum in one BLAS call
     where PEFT runs a matmul, a multiply and an add over the full output (and their
     backward passes): fewer full-size passes in training, fewer ops a decode step. The same
-    arithmetic up to float rounding; PEFT's own forward runs whenever the fused one does not
-    apply (adapters off or merged, several active, a LoRA variant, extra arguments, mixed
-    dtypes)."""
+    arithmetic up to float rounding, with PEFT's dtype rule (the branch runs in the adapter's
+    dtype, the sum comes back in the base output's); PEFT's own forward runs whenever the fused
+    one does not apply (adapters off or merged, several active, a LoRA variant, a bias on B,
+    extra arguments)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self.active_adapters
@@ -113,12 +114,12 @@ class FusedLoraLinear(PeftLoraLinear):
             or self.merged
             or name not in self.lora_A
             or name in self.lora_variant
+            or self.lora_B[name].bias is not None
         ):
             return super().forward(x, *args, **kwargs)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         base = self.base_layer(x)
-        if base.dtype != a.dtype or x.dtype != a.dtype:
-            return super().forward(x, *args, **kwargs)
+        x = x.to(a.dtype)
         dropout, scale = self.lora_dropout[name], 1.0
         if isinstance(dropout, LoraDropout):
             dropped, scale = dropout.masked(x)  # its scale joins addmm's alpha
@@ -126,12 +127,12 @@ class FusedLoraLinear(PeftLoraLinear):
             dropped = dropout(x)
         low_rank = F.linear(dropped, a)
         fused = torch.addmm(
-            base.reshape(-1, base.shape[-1]),
+            base.reshape(-1, base.shape[-1]).to(a.dtype),
             low_rank.reshape(-1, low_rank.shape[-1]),
             b.t(),
             alpha=self.scaling[name] * scale,
         )
-        return fused.view(base.shape)
+        return fused.view(base.shape).to(base.dtype)
 
 
 @contextlib.contextmanager
